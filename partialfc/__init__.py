@@ -1,0 +1,20 @@
+"""partialfc: an exact, model-parallel combined-margin softmax head with Partial FC sampling."""
+from .margin import CombinedMargin
+from .head import PartialFC
+from .partition import owner_of, shard_bounds, shard_sizes
+from .softmax import MarginSoftmaxCrossEntropy, margin_softmax_cross_entropy
+from .collectives import gather_embeddings
+from .init import init_weight_rows_
+
+__all__ = [
+    "CombinedMargin",
+    "PartialFC",
+    "shard_bounds",
+    "shard_sizes",
+    "owner_of",
+    "margin_softmax_cross_entropy",
+    "MarginSoftmaxCrossEntropy",
+    "gather_embeddings",
+    "init_weight_rows_",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,219 @@
+"""``PartialFC``: the model-parallel margin-softmax head. Owns one shard of the class weights.
+
+Data flow of one step on rank r (B_r local samples, B = sum of B_r over the group):
+
+    1. validation + batch sizes: one all-gather of a few integers per rank, read on the host
+       (skipped with ``validate=False, uniform_batch=True``: then nothing syncs with the host)
+    2. x_local (B_r, d), labels (B_r,) --all-gather--> x_global (B, d), labels_global (B,)
+    3. optional Partial FC sampling of this shard's classes (positives + random negatives)
+    4. margin softmax cross-entropy over all (sampled) classes of all ranks:
+       all-reduce MAX (B,) + all-reduce SUM (3, B)
+    backward: no collective in the loss; reduce-scatter of the embedding gradient (B, d).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .collectives import ProcessGroup, all_gather_rows, gather_embeddings, group_rank, group_size, is_distributed
+from .init import DEFAULT_STD, init_weight_rows_
+from .margin import CombinedMargin
+from .partition import shard_bounds
+from .sampling import sample_classes, step_seed
+from .softmax import margin_softmax_cross_entropy
+
+# codes of the per-rank validation record [batch, code, a, b]
+_OK, _EMB_NDIM, _EMB_WIDTH, _EMB_DTYPE, _LAB_NDIM, _LAB_DTYPE, _LENGTH, _LABEL_RANGE, _NONFINITE = range(9)
+
+
+class PartialFC(nn.Module):
+    """Sharded ``s * (cos(m1 theta + m2) - m3)`` softmax cross-entropy over ``num_classes`` classes.
+
+    Args:
+        embedding_size: width ``d`` of the embeddings.
+        num_classes: total number of classes over all ranks of ``group``.
+        margin: a :class:`CombinedMargin` (default: ArcFace, s=64, m=0.5).
+        sample_rate: share of each shard's classes used per step (Partial FC); 1.0 = all.
+        group: process group the classes are sharded over; ``None`` = the default group when
+            ``torch.distributed`` is initialised, else a single rank (a plain one-device head).
+        ignore_index: label value that marks a sample excluded from the loss.
+        chunk_size: if set, logits are formed ``chunk_size`` classes at a time and recomputed in
+            backward: memory O(B x chunk_size) instead of O(B x C_local), same result.
+        sparse_grad: with sampling, ``weight.grad`` is a sparse COO tensor of the sampled rows
+            (for ``torch.optim.SparseAdam`` / :class:`partialfc.optim.SparseSGD`).
+        seed: seeds the weight initialisation (by global class id: the same full matrix for
+            any world size) and the class sampling.
+        validate: check inputs every step (one small all-gather and a host sync); the same clear
+            error is raised on every rank. Turn off for the fastest steps once the data is trusted.
+        uniform_batch: promise that every rank passes the same batch size every step; with
+            ``validate=False`` this removes the last host sync.
+        embedding_grad_scale: factor on the embeddings' gradient; default the group size.
+
+    Returns ``loss``: the mean over the global batch (all ranks, ``ignore_index`` rows excluded)
+    of the cross-entropy over all classes, identical on every rank (0 if no row counts).
+
+    Gradient convention: ``weight.grad`` is the exact gradient of that loss w.r.t. this rank's
+    shard. ``embeddings.grad`` is ``group size`` times the exact gradient w.r.t. the local
+    embeddings, so that DDP's gradient *averaging* over the same ranks hands the backbone the
+    exact gradient. Do not wrap this module in DDP: its parameters are sharded, not replicated.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: Optional[CombinedMargin] = None,
+                 sample_rate: float = 1.0, group: ProcessGroup = None, ignore_index: int = -100,
+                 chunk_size: Optional[int] = None, sparse_grad: bool = False, seed: int = 0,
+                 validate: bool = True, uniform_batch: bool = False,
+                 embedding_grad_scale: Optional[float] = None, init_std: float = DEFAULT_STD,
+                 device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PartialFC: {name} must be a positive int, got {value!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+            raise ValueError(f"PartialFC: sample_rate must be in (0, 1], got {sample_rate!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"PartialFC: chunk_size must be a positive int or None, got {chunk_size!r}")
+        if margin is None:
+            margin = CombinedMargin.arcface()
+        if not isinstance(margin, CombinedMargin):
+            raise TypeError(f"PartialFC: margin must be a CombinedMargin, got {type(margin).__name__}")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.margin, self.sample_rate, self.group = margin, float(sample_rate), group
+        self.ignore_index, self.chunk_size, self.sparse_grad = int(ignore_index), chunk_size, bool(sparse_grad)
+        self.seed, self.validate, self.uniform_batch = int(seed), bool(validate), bool(uniform_batch)
+        self.world_size, self.rank = group_size(group), group_rank(group)
+        self.embedding_grad_scale = float(self.world_size if embedding_grad_scale is None else embedding_grad_scale)
+        self.class_start, self.class_end = shard_bounds(num_classes, self.world_size, self.rank)
+        self.num_local = self.class_end - self.class_start
+        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device, dtype=dtype))
+        self.init_std = init_std
+        self.reset_parameters()
+        self.step = 0  # forward calls so far; seeds the sampling, saved in state_dict
+        self.sampled_index: Optional[torch.Tensor] = None
+        self.last_stats: Optional[dict] = None
+
+    def reset_parameters(self) -> None:
+        init_weight_rows_(self.weight, self.class_start, self.seed, self.init_std)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"shard=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world_size}, "
+                f"margin={self.margin}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}")
+
+    def get_extra_state(self):
+        return {"step": self.step}
+
+    def set_extra_state(self, state) -> None:
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """embeddings (B_local, d) float, labels (B_local,) integer global class ids -> loss ()."""
+        sizes = self._check_and_exchange(embeddings, labels)
+        labels = labels.to(device=embeddings.device, dtype=torch.int64)
+        x_global, labels_global = gather_embeddings(embeddings, labels, sizes, self.group,
+                                                    self.embedding_grad_scale)  # (B, d), (B,)
+        valid = labels_global != self.ignore_index
+        local = labels_global - self.class_start
+        target = torch.where(valid & (local >= 0) & (local < self.num_local), local, -1)  # (B,)
+
+        weight = self.weight
+        if self.sample_rate < 1.0:
+            generator = torch.Generator(device=weight.device)
+            generator.manual_seed(step_seed(self.seed, self.class_start, self.step))
+            index, target = sample_classes(target, self.num_local, self.sample_rate, generator)
+            weight = F.embedding(index, self.weight, sparse=True) if self.sparse_grad \
+                else self.weight.index_select(0, index)  # (k, d)
+            self.sampled_index = index
+        elif self.sparse_grad:
+            index = torch.arange(self.num_local, device=weight.device)
+            weight = F.embedding(index, self.weight, sparse=True)
+            self.sampled_index = index
+        else:
+            self.sampled_index = None
+
+        loss, stats = margin_softmax_cross_entropy(x_global, weight, target, valid, self.margin, self.group,
+                                                   self.chunk_size, self._mm_dtype(embeddings))
+        self.step += 1
+        self.last_stats = {"max_logit": stats[0], "target_logit": stats[1], "target_cos": stats[2],
+                           "valid": valid}
+        return loss
+
+    def _mm_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
+        device_type = embeddings.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return torch.promote_types(embeddings.dtype, self.weight.dtype)
+
+    # ------------------------------------------------------------------------------------
+    def _check_and_exchange(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Every rank's batch size; with ``validate`` also raise the same error on every rank."""
+        distributed = is_distributed(self.group)
+        if not self.validate:
+            if not distributed or self.uniform_batch:
+                return [embeddings.shape[0]] * self.world_size
+            record = torch.tensor([[embeddings.shape[0], _OK, 0, 0]], dtype=torch.int64, device=embeddings.device)
+        else:
+            record = self._local_record(embeddings, labels)
+        records = all_gather_rows(record, self.group).tolist()  # the one host sync
+        if self.validate:
+            self._raise_on_bad_records(records)
+        sizes = [r[0] for r in records]
+        if self.uniform_batch and len(set(sizes)) > 1:
+            raise ValueError(f"PartialFC(uniform_batch=True) got different batch sizes per rank: {sizes}")
+        return sizes
+
+    def _local_record(self, embeddings, labels) -> torch.Tensor:
+        device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
+        code, a, b = _OK, 0, 0
+        batch = embeddings.shape[0] if isinstance(embeddings, torch.Tensor) and embeddings.dim() >= 1 else 0
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            code, a = _EMB_NDIM, embeddings.dim() if isinstance(embeddings, torch.Tensor) else -1
+        elif embeddings.shape[1] != self.embedding_size:
+            code, a = _EMB_WIDTH, embeddings.shape[1]
+        elif not embeddings.is_floating_point():
+            code = _EMB_DTYPE
+        elif not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            code, a = _LAB_NDIM, labels.dim() if isinstance(labels, torch.Tensor) else -1
+        elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            code = _LAB_DTYPE
+        elif labels.shape[0] != embeddings.shape[0]:
+            code, a, b = _LENGTH, embeddings.shape[0], labels.shape[0]
+        if code != _OK:
+            return torch.tensor([[batch, code, a, b]], dtype=torch.int64, device=device)
+        lab = labels.to(device=device, dtype=torch.int64)
+        bad = (lab != self.ignore_index) & ((lab < 0) | (lab >= self.num_classes))
+        n_bad = bad.sum()
+        first_bad = lab[bad.to(torch.int8).argmax()] if lab.numel() else n_bad
+        n_nonfinite = (~torch.isfinite(embeddings)).sum()
+        code_t = torch.where(n_bad > 0, _LABEL_RANGE, torch.where(n_nonfinite > 0, _NONFINITE, _OK))
+        a_t = torch.where(n_bad > 0, n_bad, n_nonfinite)
+        b_t = torch.where(n_bad > 0, first_bad, 0)
+        return torch.stack([torch.tensor(batch, device=device), code_t, a_t, b_t]).view(1, 4).to(torch.int64)
+
+    def _raise_on_bad_records(self, records: list[list[int]]) -> None:
+        problems = []
+        for rank, (batch, code, a, b) in enumerate(records):
+            where = f"rank {rank}: " if self.world_size > 1 else ""
+            if code == _EMB_NDIM:
+                problems.append(f"{where}embeddings must be a 2-D tensor (batch, {self.embedding_size}), got {a}-D")
+            elif code == _EMB_WIDTH:
+                problems.append(f"{where}embeddings have width {a}, expected embedding_size={self.embedding_size}")
+            elif code == _EMB_DTYPE:
+                problems.append(f"{where}embeddings must be a floating-point tensor")
+            elif code == _LAB_NDIM:
+                problems.append(f"{where}labels must be a 1-D tensor of class ids, got {a}-D")
+            elif code == _LAB_DTYPE:
+                problems.append(f"{where}labels must be an integer tensor (int64 class ids)")
+            elif code == _LENGTH:
+                problems.append(f"{where}embeddings have {a} rows but labels have {b} entries")
+            elif code == _LABEL_RANGE:
+                problems.append(f"{where}{a} label(s) outside [0, {self.num_classes}) that are not "
+                                f"ignore_index={self.ignore_index}, e.g. {b}")
+            elif code == _NONFINITE:
+                problems.append(f"{where}embeddings contain {a} non-finite value(s) (NaN or Inf)")
+        if problems:
+            raise ValueError("PartialFC: bad input: " + "; ".join(problems))

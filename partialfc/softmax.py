@@ -1,0 +1,198 @@
+"""Sharded margin-softmax cross-entropy: the only code that touches (B_global x C_local) logits.
+
+Every rank holds the gathered batch ``x_global`` (B, d) and its own weight rows ``weight``
+(C_local, d). With ``x^ = x / |x|``, ``n_j = |w_j|`` and ``cos_ij = x^_i . w_j / n_j``:
+
+    z_ij = s * cos_ij                       for j != y_i
+    z_iy = s * psi(cos_iy)                  target (trigonometry on the B target entries only)
+    loss = (1/N) sum_{valid i} [ log sum_j exp(z_ij) - z_iy ]     over ALL classes of ALL ranks
+
+Forward, per rank: logits by one matrix product per block (the block is all of C_local, or
+``chunk_size`` classes), scaled in place by ``s / n_j``; local row max; exp and row sum in place;
+then 2 collectives whose size never depends on the number of classes:
+``all_reduce(MAX)`` of the row maxima (B,) and ``all_reduce(SUM)`` of (rescaled sum-exp, target
+logit, target cosine) (3, B). Backward: no collective here (the embedding gradient's
+reduce-scatter belongs to :class:`partialfc.collectives.GatherEmbeddings`):
+
+    G'_ij = (s/N) (p_ij - [j = y_i] ) * (psi'(cos_iy) if j = y_i else 1) / n_j     (B, C_local)
+    dL/dx^ = G' W                      dL/dw_j = A_j - (A_j . w_j) w_j / n_j^2,  A = G'^T x^
+
+followed by the projection through ``x^ = x / |x|``. The materialized path keeps one
+(B, C_local) buffer of exponentials (accumulation dtype) for backward and turns it into G' in
+place; the chunked path keeps no logits at all and recomputes each block in backward.
+
+Mixed precision: the matrix products run in ``mm_dtype`` (e.g. bf16 under autocast); logits,
+log-sum-exp and gradients accumulate in float32 (float64 when ``mm_dtype`` is float64).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .collectives import ProcessGroup, all_reduce_
+from .margin import CombinedMargin
+
+_NORM_EPS = 1e-12
+
+
+def _accumulation_dtype(mm_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if mm_dtype == torch.float64 else torch.float32
+
+
+def _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc):
+    """Scaled logits of classes [c0, c1) with the target entries replaced: (B, c1 - c0) in ``acc``."""
+    z = torch.mm(xhat_mm, w_mm[c0:c1].t())  # (B, cb)
+    if z.dtype != acc:
+        z = z.to(acc)
+    z.mul_(col_scale[c0:c1])
+    if z.shape[0]:
+        _put_target(z, target, c0, c1, lambda old: logit_t)
+    return z
+
+
+def _put_target(z, target, c0, c1, new_value):
+    """``z[i, y_i - c0] = new_value(z[i, y_i - c0])`` for the rows whose target is in [c0, c1)."""
+    in_block = (target >= c0) & (target < c1)  # (B,)
+    col = (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)  # (B, 1)
+    old = z.gather(1, col).squeeze(1)
+    z.scatter_(1, col, torch.where(in_block, new_value(old), old).unsqueeze(1))
+
+
+def _grad_block(g, xhat_mm, w_mm, w_acc, inv_norm, c0, c1, target, row_gain, dpsi, grad_xhat, grad_w):
+    """Turn the block's probabilities-times-row-factor ``g`` (B, cb) into G' in place and
+    accumulate its contribution to ``grad_xhat`` (B, d) and ``grad_w[c0:c1]`` (cb, d)."""
+    g.mul_(inv_norm[c0:c1])
+    if g.shape[0]:
+        # target column: (g0 p_iy - g0) psi' / n_y, where g currently holds g0 p_iy / n_y
+        _put_target(g, target, c0, c1,
+                    lambda old: (old - row_gain * inv_norm[target.clamp(c0, c1 - 1)]) * dpsi)
+    g_mm = g.to(xhat_mm.dtype)
+    grad_xhat.add_(torch.mm(g_mm, w_mm[c0:c1]))  # (B, d)
+    a = torch.mm(g_mm.t(), xhat_mm)  # (cb, d)
+    if a.dtype != w_acc.dtype:
+        a = a.to(w_acc.dtype)
+    w_blk = w_acc[c0:c1]
+    coef = torch.linalg.vecdot(a, w_blk) * inv_norm[c0:c1].square()  # (cb,)
+    a.addcmul_(w_blk, coef.unsqueeze(1), value=-1.0)
+    grad_w[c0:c1] = a
+
+
+class MarginSoftmaxCrossEntropy(torch.autograd.Function):
+    """forward: sharded margin softmax cross-entropy, all-reduce MAX then all-reduce SUM.
+    backward: exact gradients for ``x_global`` and ``weight``, no collective.
+
+    Inputs: x_global (B, d) unnormalised; weight (C_local, d) unnormalised rows; target (B,)
+    int64 row of ``weight`` holding the row's target class, or -1 when another rank holds it;
+    valid (B,) bool rows that count (label != ignore_index, identical on every rank).
+    Returns the loss (scalar, identical on every rank) and, not differentiable, ``stats``
+    (3, B): [global max logit, global target logit, global target cosine].
+    """
+
+    @staticmethod
+    def forward(ctx, x_global, weight, target, valid, margin: CombinedMargin, group: ProcessGroup,
+                chunk_size: Optional[int], mm_dtype: torch.dtype):
+        acc = _accumulation_dtype(mm_dtype)
+        device_type = x_global.device.type
+        with torch.autocast(device_type, enabled=False):
+            num_local = weight.shape[0]
+            chunk = num_local if not chunk_size else min(chunk_size, num_local)
+            s = float(margin.s)
+            x = x_global.to(acc)
+            x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORM_EPS)  # (B, 1)
+            xhat = x / x_norm  # (B, d)
+            inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C,)
+            owned = target >= 0
+            t_row = target.clamp_min(0)
+            # target cosines from the B target rows only: (B,)
+            w_t = weight.index_select(0, t_row).to(acc)
+            cos_t = (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0)
+            psi, dpsi = margin.psi_and_grad(cos_t)
+            logit_t = (s * psi).to(acc)
+            xhat_mm = xhat.to(mm_dtype)
+            w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
+            col_scale = inv_norm * s
+
+            buffer = None
+            m_local = s_local = None
+            for c0 in range(0, num_local, chunk):
+                c1 = min(c0 + chunk, num_local)
+                z = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc)
+                m_blk = z.amax(dim=1)  # (B,)
+                if m_local is None:
+                    m_local = m_blk
+                    z.sub_(m_local.unsqueeze(1)).exp_()
+                    s_local = z.sum(dim=1)
+                else:
+                    m_new = torch.maximum(m_local, m_blk)
+                    z.sub_(m_new.unsqueeze(1)).exp_()
+                    s_local = s_local * torch.exp(m_local - m_new) + z.sum(dim=1)
+                    m_local = m_new
+                if chunk == num_local:
+                    buffer = z  # exp(z - m_local), kept for backward
+            m_global = all_reduce_(m_local.clone(), "max", group)
+            stats = torch.stack([s_local * torch.exp(m_local - m_global),
+                                 torch.where(owned, logit_t, 0.0),
+                                 torch.where(owned, cos_t, 0.0)])  # (3, B)
+            all_reduce_(stats, "sum", group)
+            sum_exp, t_global, cos_global = stats[0], stats[1], stats[2]
+            n_valid = valid.sum().clamp_min(1).to(acc)
+            row_loss = torch.where(valid, torch.log(sum_exp) + m_global - t_global, 0.0)
+            loss = row_loss.sum() / n_valid
+
+        ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc = s, chunk, mm_dtype, acc
+        ctx.x_dtype, ctx.w_dtype = x_global.dtype, weight.dtype
+        ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
+                              sum_exp, n_valid, logit_t, buffer)
+        out_stats = torch.stack([m_global, t_global, cos_global])
+        ctx.mark_non_differentiable(out_stats)
+        return loss, out_stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global, sum_exp, n_valid, logit_t, buffer = \
+            ctx.saved_tensors
+        s, chunk, mm_dtype, acc = ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc
+        if buffer is not None:
+            if getattr(ctx, "buffer_consumed", False):
+                raise RuntimeError("backward ran twice through a materialized PartialFC loss (retain_graph=True); "
+                                   "its logit buffer is turned into the gradient in place. Use chunk_size=... "
+                                   "(which recomputes the logits) to backward more than once.")
+            ctx.buffer_consumed = True
+        with torch.autocast(xhat.device.type, enabled=False):
+            num_local = weight.shape[0]
+            g0 = grad_loss.to(acc) * s / n_valid  # scalar: d loss / d logit * s
+            row_gain = torch.where(valid, g0, 0.0)  # (B,)
+            xhat_mm = xhat.to(mm_dtype)
+            w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
+            w_acc = weight if weight.dtype == acc else weight.to(acc)
+            grad_xhat = torch.zeros_like(xhat)
+            grad_w = torch.empty(num_local, weight.shape[1], dtype=acc, device=weight.device)
+            if buffer is not None:  # materialized: buffer = exp(z - m_local) -> g0 p in place
+                buffer.mul_((row_gain * torch.exp(m_local - m_global) / sum_exp).unsqueeze(1))
+                _grad_block(buffer, xhat_mm, w_mm, w_acc, inv_norm, 0, num_local, target, row_gain, dpsi,
+                            grad_xhat, grad_w)
+            else:  # chunked: recompute each block of logits
+                s_inv = row_gain / sum_exp
+                col_scale = inv_norm * s
+                for c0 in range(0, num_local, chunk):
+                    c1 = min(c0 + chunk, num_local)
+                    z = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc)
+                    z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
+                    _grad_block(z, xhat_mm, w_mm, w_acc, inv_norm, c0, c1, target, row_gain, dpsi,
+                                grad_xhat, grad_w)
+            # through x^ = x / |x|: (g - (g . x^) x^) / |x|
+            radial = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(1)
+            grad_x = (grad_xhat - radial * xhat) / x_norm
+        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), None, None, None, None, None, None
+
+
+def margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                 valid: torch.Tensor, margin: CombinedMargin, group: ProcessGroup = None,
+                                 chunk_size: Optional[int] = None,
+                                 mm_dtype: Optional[torch.dtype] = None):
+    """Functional form of :class:`MarginSoftmaxCrossEntropy`: returns ``(loss, stats)``."""
+    if mm_dtype is None:
+        mm_dtype = torch.promote_types(x_global.dtype, weight.dtype)
+    return MarginSoftmaxCrossEntropy.apply(x_global, weight, target, valid, margin, group, chunk_size, mm_dtype)
