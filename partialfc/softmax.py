@@ -143,7 +143,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc = s, chunk, mm_dtype, acc
         ctx.x_dtype, ctx.w_dtype = x_global.dtype, weight.dtype
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
-                              sum_exp, n_valid, logit_t, buffer)
+                              sum_exp, n_valid, logit_t)
+        ctx.buffer = buffer  # not saved_for_backward: backward turns it into the gradient in place
         out_stats = torch.stack([m_global, t_global, cos_global])
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
@@ -151,15 +152,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global, sum_exp, n_valid, logit_t, buffer = \
+        xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global, sum_exp, n_valid, logit_t = \
             ctx.saved_tensors
         s, chunk, mm_dtype, acc = ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc
-        if buffer is not None:
-            if getattr(ctx, "buffer_consumed", False):
-                raise RuntimeError("backward ran twice through a materialized PartialFC loss (retain_graph=True); "
-                                   "its logit buffer is turned into the gradient in place. Use chunk_size=... "
-                                   "(which recomputes the logits) to backward more than once.")
-            ctx.buffer_consumed = True
+        # the first backward consumes the stored exponentials; a repeated one (retain_graph) recomputes
+        buffer, ctx.buffer = ctx.buffer, None
         with torch.autocast(xhat.device.type, enabled=False):
             num_local = weight.shape[0]
             g0 = grad_loss.to(acc) * s / n_valid  # scalar: d loss / d logit * s

@@ -1,0 +1,1 @@
+"""Data layer of the training app (filled in below)."""
