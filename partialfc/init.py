@@ -30,7 +30,8 @@ def init_weight_rows_(weight: torch.Tensor, class_start: int, seed: int = 0, std
         b0 = block * BLOCK_ROWS
         lo, hi = max(b0, class_start), min(b0 + BLOCK_ROWS, end)
         generator.manual_seed(_block_seed(seed, block))
-        values = torch.empty(hi - b0, d, device=weight.device, dtype=torch.float32)  # block rows up to hi
+        # always the whole block: a generator's output for one position depends on the request size
+        values = torch.empty(BLOCK_ROWS, d, device=weight.device, dtype=torch.float32)
         values.normal_(0.0, std, generator=generator)
-        weight[lo - class_start: hi - class_start].copy_(values[lo - b0:])
+        weight[lo - class_start: hi - class_start].copy_(values[lo - b0: hi - b0])
     return weight

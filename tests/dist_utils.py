@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -30,7 +31,7 @@ def _worker(rank, world_size, init_file, fn, args, results):
             value = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", pickle.dumps(value)))  # plain pickle: no shared memory
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -62,7 +63,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0):
                         raise RuntimeError(f"rank(s) {dead} died with exit codes "
                                            f"{[procs[i].exitcode for i in dead]}") from None
                     continue
-                outcomes[rank] = value
+                outcomes[rank] = pickle.loads(value) if status == "ok" else value
                 if status == "error":
                     errors.append(f"--- rank {rank} ---\n{value}")
                     first_error_at = first_error_at or datetime.datetime.now()
