@@ -5,6 +5,8 @@ from .partition import owner_of, shard_bounds, shard_sizes
 from .softmax import MarginSoftmaxCrossEntropy, margin_softmax_cross_entropy
 from .collectives import gather_embeddings
 from .init import init_weight_rows_
+from .optim import SparseSGD
+from .clip import clip_grad_norm_
 
 __all__ = [
     "CombinedMargin",
@@ -16,5 +18,7 @@ __all__ = [
     "MarginSoftmaxCrossEntropy",
     "gather_embeddings",
     "init_weight_rows_",
+    "SparseSGD",
+    "clip_grad_norm_",
 ]
 __version__ = "0.1.0"

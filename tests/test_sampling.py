@@ -143,3 +143,22 @@ def test_sparse_grad_with_torch_sparse_adam():
         opt.zero_grad()
         head(torch.randn(4, 8), torch.randint(0, 300, (4,))).backward()
         opt.step()
+
+
+def _clip_sharded(rank, world):
+    from partialfc import clip_grad_norm_
+    rep = torch.nn.Parameter(torch.zeros(3))
+    rep.grad = torch.full((3,), 2.0)  # identical on every rank: counted once
+    sh = torch.nn.Parameter(torch.zeros(5, 2))
+    sh.grad = torch.sparse_coo_tensor([[rank]], torch.full((1, 2), float(rank + 1)), (5, 2))
+    total = clip_grad_norm_([rep], [sh], max_norm=1.0)
+    return float(total), rep.grad.tolist(), sh.grad.to_dense().tolist()
+
+
+def test_clip_grad_norm_counts_shards_once_each():
+    results = run_distributed(_clip_sharded, 2)
+    expected = math.sqrt(3 * 4 + 2 * 1 + 2 * 4)
+    for rank, (total, rep, sh) in enumerate(results):
+        assert total == pytest.approx(expected, rel=1e-6)
+        assert rep == pytest.approx([2.0 / expected] * 3, rel=1e-5)
+        assert sh[rank] == pytest.approx([(rank + 1) / expected] * 2, rel=1e-5)
