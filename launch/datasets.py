@@ -75,7 +75,7 @@ def build_run_data(data_cfg, seed: int = 0) -> RunData:
                        designs[~train_mask].numpy()) if data_cfg.heldout_classes else None
         return RunData(_LabelledTensors(images[train_mask], labels[train_mask]), data_cfg.synthetic_classes, held)
     if kind in ("glyphs", "glyphs_large"):
-        charset = "jis1" if kind == "glyphs" else "jis12"
+        charset = "jis1" if kind == "glyphs" else "jis"
         transform = build_transform("glyph", train=True) if data_cfg.augment else None
         common = dict(charset=charset, size=data_cfg.image_size, heldout_classes=data_cfg.heldout_classes,
                       seed=seed)

@@ -79,7 +79,8 @@ def resolve_exporter(exporter: str = "auto") -> str:
             )
         return "dynamo"
     if exporter == "auto":
-        return "dynamo" if has_dynamo and has_onnxscript and _torch_version() >= (2, 9) else "torchscript"
+        modern = _torch_version() >= (2, 9)  # dynamo is torch's default from 2.9
+        return "dynamo" if has_dynamo and has_onnxscript and modern else "torchscript"
     return exporter
 
 

@@ -11,7 +11,9 @@ from launch.models import BACKBONES, IResNet, SmallCNN, build_backbone
 DEPTHS = {"r18": [2, 2, 2, 2], "r34": [3, 4, 6, 3], "r50": [3, 4, 14, 3], "r100": [3, 13, 30, 3]}
 
 
-def expected_iresnet_params(layers: list[int], emb: int = 512, in_ch: int = 3, side: int = 7) -> int:
+def expected_iresnet_params(
+    layers: list[int], emb: int = 512, in_ch: int = 3, side: int = 7
+) -> int:
     """Parameter count worked out by hand from the architecture description."""
     bn = lambda c: 2 * c  # noqa: E731 - weight + bias
     total = in_ch * 64 * 9 + bn(64) + 64  # stem conv, BN, PReLU
@@ -33,7 +35,8 @@ def n_params(m: nn.Module) -> int:
 
 @pytest.mark.parametrize("name", ["r18", "r34", "r50", "r100"])
 def test_iresnet_param_count_matches_hand_count(name: str) -> None:
-    model = build_backbone(name, embedding_size=512, in_channels=3, image_size=112)
+    with torch.device("meta"):  # shapes only, no memory / init cost
+        model = build_backbone(name, embedding_size=512, in_channels=3, image_size=112)
     assert n_params(model) == expected_iresnet_params(DEPTHS[name])
 
 
@@ -44,23 +47,16 @@ def test_iresnet_param_ballpark() -> None:
     assert 65.0e6 < expected_iresnet_params(DEPTHS["r100"]) < 65.4e6
 
 
-@pytest.mark.parametrize("name", ["r18", "r50"])
-def test_iresnet_output_shape(name: str) -> None:
-    model = build_backbone(name, embedding_size=512, in_channels=3, image_size=112).eval()
-    with torch.no_grad():
-        y = model(torch.randn(2, 3, 112, 112))
-    assert y.shape == (2, 512)
-    assert torch.isfinite(y).all()
-
-
-def test_iresnet_stage_shapes() -> None:
-    model = build_backbone("r18", 512, 3, 112).eval()
+def test_iresnet_output_and_stage_shapes() -> None:
+    model = build_backbone("r18", embedding_size=512, in_channels=3, image_size=112).eval()
     shapes = []
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         stage.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
     with torch.no_grad():
-        model(torch.randn(1, 3, 112, 112))
+        y = model(torch.randn(2, 3, 112, 112))
     assert shapes == [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
+    assert y.shape == (2, 512)
+    assert torch.isfinite(y).all()
 
 
 def test_iresnet_other_sizes_and_input_check() -> None:
@@ -82,7 +78,8 @@ def test_small_cnn_shapes() -> None:
     assert n_params(model) < 3e6  # small enough for CPU training
 
 
-@pytest.mark.parametrize("name,shape", [("cnn_small", (4, 1, 32, 32)), ("r18", (2, 3, 112, 112))])
+# iResNet at 32x32 runs the same code path as at 112x112, much faster
+@pytest.mark.parametrize("name,shape", [("cnn_small", (4, 1, 32, 32)), ("r18", (2, 3, 32, 32))])
 def test_gradient_reaches_every_parameter(name: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     model = build_backbone(name, 128, shape[1], shape[2]).train()
@@ -107,24 +104,26 @@ def test_eval_mode_is_per_sample() -> None:
 
 def test_small_cnn_can_fit_tiny_problem() -> None:
     torch.manual_seed(0)
-    x = torch.randn(16, 1, 32, 32)
+    x = torch.randn(16, 1, 16, 16)
     y = torch.arange(16) % 4
-    model = nn.Sequential(build_backbone("cnn_small", 32, 1, 32, width=8), nn.Linear(32, 4))
+    model = nn.Sequential(build_backbone("cnn_small", 32, 1, 16, width=8), nn.Linear(32, 4))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):
+    losses = []
+    for _ in range(12):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
         loss.backward()
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert (model(x).argmax(1) == y).float().mean() == 1.0
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    assert (logits.argmax(1) == y).all()
 
 
 def test_runs_under_cpu_autocast() -> None:
-    model = build_backbone("r18", 512, 3, 112).eval()
+    model = build_backbone("r18", 512, 3, 32).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model(torch.randn(2, 3, 112, 112))
+        y = model(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 512) and torch.isfinite(y.float()).all()
 
 
@@ -134,4 +133,5 @@ def test_unknown_name_lists_valid_ones() -> None:
     for name in ("cnn_small", "r18", "r34", "r50", "r100"):
         assert name in str(err.value)
     assert set(BACKBONES) == {"cnn_small", "r18", "r34", "r50", "r100"}
-    assert isinstance(build_backbone("r34", 512, 3, 112), IResNet)
+    with torch.device("meta"):
+        assert isinstance(build_backbone("r34", 512, 3, 112), IResNet)

@@ -463,7 +463,8 @@ def prepare_glyphs(
         raise RuntimeError("no usable font face")
 
     # 2. dedupe designs on the sample, preferring faces that cover the most chars.
-    order = sorted(range(len(ok)), key=lambda i: (-int(ok[i]["coverage"].sum()), ok[i]["face"].name))
+    order = sorted(range(len(ok)),
+                   key=lambda i: (-int(ok[i]["coverage"].sum()), ok[i]["face"].name))
     keep, assign = dedupe_faces([p["renders"] for p in ok], [p["mask"] for p in ok],
                                 threshold=dedupe_threshold, order=order)
     designs = [ok[i] for i in keep]
@@ -471,6 +472,14 @@ def prepare_glyphs(
     # 3. full render of every kept design.
     rendered = _run_tasks(_render_task, [(p["face"], chars, size) for p in designs],
                           workers, "render designs", progress)
+    # A design whose characters all turned out blank / .notdef is dropped.
+    nonempty = [d for d, (idx, _) in enumerate(rendered) if len(idx) > 0]
+    new_id = {d: k for k, d in enumerate(nonempty)}
+    assign = [new_id.get(a, -1) for a in assign]
+    designs = [designs[d] for d in nonempty]
+    rendered = [rendered[d] for d in nonempty]
+    if not rendered:
+        raise RuntimeError("no font face has any character of the charset")
     per_char = np.zeros(len(chars), dtype=np.int64)
     for idx, _ in rendered:
         per_char[idx] += 1
@@ -611,7 +620,12 @@ def build_glyph_datasets(
     The held-out data set is never augmented (open-set evaluation).
     """
     path = prepare_glyphs(cache_dir, charset, size, **prepare_kwargs)
-    train, held = split_glyphs(load_glyphs(path, min_designs), heldout_classes, seed)
+    glyphs = load_glyphs(path, min_designs)
+    train, held = split_glyphs(glyphs, heldout_classes, seed)
+    log.info("glyphs: %d kanji kept (>= %d designs each), %d designs, %d images; "
+             "%d training classes (%d images), %d held-out classes (%d images)",
+             glyphs.num_classes, min_designs, len(glyphs.faces), len(glyphs),
+             train.num_classes, len(train), held.num_classes, len(held))
     return GlyphDataset(train, train_transform), GlyphDataset(held)
 
 

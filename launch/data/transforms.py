@@ -33,7 +33,9 @@ def to_float(image: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"expected a uint8 image, got {image.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(image))
+        if not (image.flags.writeable and image.flags.c_contiguous):
+            image = np.array(image, order="C")  # e.g. read-only arrays from Pillow
+        t = torch.from_numpy(image)
         if t.ndim == 2:  # (H, W) -> (1, H, W)
             t = t.unsqueeze(0)
         elif t.ndim == 3:  # (H, W, C) -> (C, H, W)

@@ -1,0 +1,103 @@
+"""ShardedSampler: exact coverage without padding, and resume across world sizes."""
+
+import pytest
+
+from launch.data.sampler import ShardedSampler
+
+
+def shards(n, world, batch=1, epoch=0, seed=0, **kw):
+    out = []
+    for r in range(world):
+        s = ShardedSampler(n, world, r, batch_size=batch, seed=seed, **kw)
+        s.set_epoch(epoch)
+        idx = list(s)
+        assert len(idx) == len(s)
+        out.append(idx)
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 13, 101])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_index_exactly_once(n, world, batch):
+    parts = shards(n, world, batch)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(n))  # each index once, no padding duplicates
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= batch  # near-even split
+    # all ranks have the same number of batches unless fewer samples than ranks remain
+    nb = [-(-len(p) // batch) for p in parts]
+    if n % (world * batch) == 0 or n % (world * batch) >= world:
+        assert len(set(nb)) == 1
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch():
+    a = shards(101, 1, epoch=0)[0]
+    assert a == shards(101, 1, epoch=0)[0]
+    assert a != shards(101, 1, epoch=1)[0]
+    assert a != shards(101, 1, epoch=0, seed=5)[0]
+    assert a != list(range(101))
+    assert shards(10, 1, shuffle=False)[0] == list(range(10))
+
+
+def test_unshuffled_layout_per_step():
+    # 2 ranks, batch 3, N=14: steps [0..5], [6..11], last 2 split 1/1
+    assert shards(14, 2, 3, shuffle=False) == [[0, 1, 2, 6, 7, 8, 12], [3, 4, 5, 9, 10, 11, 13]]
+
+
+def test_drop_last_gives_full_batches_only():
+    parts = shards(23, 2, 4, drop_last=True)
+    assert [len(p) for p in parts] == [8, 8]  # 23 // 8 = 2 global steps
+    assert len(set(parts[0]) | set(parts[1])) == 16
+
+
+@pytest.mark.parametrize("old_world,old_batch,steps,new_world,new_batch",
+                         [(3, 4, 5, 2, 5), (2, 3, 7, 4, 1), (4, 2, 1, 1, 8), (1, 5, 20, 3, 2)])
+def test_resume_with_other_world_size_covers_the_rest(old_world, old_batch, steps,
+                                                      new_world, new_batch):
+    n, epoch = 101, 2
+    old = [ShardedSampler(n, old_world, r, batch_size=old_batch, seed=9) for r in range(old_world)]
+    consumed = set()
+    for s in old:
+        s.set_epoch(epoch)
+    iters = [iter(s) for s in old]
+    for _ in range(steps):  # every rank takes one batch per step
+        for it in iters:
+            for _ in range(old_batch):
+                consumed.add(next(it))
+        for s in old:
+            s.advance(old_world * old_batch)
+    state = old[0].state_dict()
+    assert state["consumed"] == len(consumed) == steps * old_world * old_batch
+    assert state["epoch"] == epoch
+    # the consumed samples are exactly a prefix of the epoch order
+    assert consumed == set(old[0].epoch_order()[: len(consumed)].tolist())
+
+    rest = []
+    for r in range(new_world):
+        s = ShardedSampler(n, new_world, r, batch_size=new_batch, seed=0)
+        s.load_state_dict(state)
+        s.set_epoch(epoch)  # the loop calls it again on resume: keeps the offset
+        rest.append(list(s))
+    flat = [i for p in rest for i in p]
+    assert len(flat) == len(set(flat))
+    assert set(flat) == set(range(n)) - consumed
+
+    # the next epoch starts from the beginning again
+    s.set_epoch(epoch + 1)
+    nxt = shards(n, new_world, new_batch, epoch=epoch + 1, seed=9)
+    assert list(s) == nxt[-1]
+
+
+def test_state_dict_validation_and_default_world():
+    s = ShardedSampler(10)
+    assert (s.num_replicas, s.rank) == (1, 0)
+    s.advance(4)
+    assert s.state_dict() == {"epoch": 0, "consumed": 4, "seed": 0, "num_samples": 10}
+    with pytest.raises(ValueError):
+        ShardedSampler(11).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError):
+        ShardedSampler(10, 2, 2)
+    t = ShardedSampler(10, shuffle=False)
+    t.load_state_dict(s.state_dict())
+    assert list(t) == [4, 5, 6, 7, 8, 9]
