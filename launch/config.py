@@ -234,7 +234,7 @@ class DataConfig(_Section):
     section: ClassVar[str] = "data"
     dataset: Literal["glyphs", "glyphs_large", "recordio", "folder", "synthetic"] = "glyphs"
     root: Optional[str] = None
-    cache_dir: str = ".cache/partialfc"
+    cache_dir: Optional[str] = None  # None: $PARTIALFC_GLYPH_CACHE or ~/.cache/partialfc/glyphs
     image_size: int = 32
     in_channels: int = 1
     heldout_classes: int = 300

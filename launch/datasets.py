@@ -76,7 +76,10 @@ def build_run_data(data_cfg, seed: int = 0) -> RunData:
         return RunData(_LabelledTensors(images[train_mask], labels[train_mask]), data_cfg.synthetic_classes, held)
     if kind in ("glyphs", "glyphs_large"):
         charset = "jis1" if kind == "glyphs" else "jis"
-        transform = build_transform("glyph", train=True) if data_cfg.augment else None
+        transform = None
+        if data_cfg.augment:
+            transform = build_transform("glyph", train=True)
+            transform.hflip_p = 0.5 if data_cfg.hflip else 0.0
         common = dict(charset=charset, size=data_cfg.image_size, heldout_classes=data_cfg.heldout_classes,
                       seed=seed)
         train = build_dataset("glyphs", data_cfg.cache_dir, split="train", transform=transform, **common)
@@ -86,7 +89,8 @@ def build_run_data(data_cfg, seed: int = 0) -> RunData:
                        gs.labels, gs.designs) if len(gs) else None
         return RunData(train, train.num_classes, held)
     if kind in ("recordio", "folder"):
-        transform = "default" if data_cfg.augment else None
+        from launch.data import RandomHorizontalFlip
+        transform = RandomHorizontalFlip(0.5) if data_cfg.augment and data_cfg.hflip else None
         extra = {} if kind == "recordio" else {"grayscale": data_cfg.in_channels == 1}
         train = build_dataset(kind, data_cfg.root, split="train", transform=transform, **extra)
         return RunData(train, int(train.num_classes), None)

@@ -180,6 +180,14 @@ def train(cfg: TrainConfig) -> dict:
         log.info("checkpoint %s", where)
 
     snapshot_steps = {int(total_steps * f) for f in (0.0, 0.25, 0.5, 1.0)} | {total_steps - 1}
+    writer = None
+    if rank == 0 and cfg.train.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
+                               "pip install 'partialfc[tensorboard]'") from e
+        writer = SummaryWriter(str(out / "tensorboard"))
     progress = None
     if rank == 0:
         from tqdm import tqdm
@@ -238,6 +246,9 @@ def train(cfg: TrainConfig) -> dict:
                     progress.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_acc']:.2f}",
                                          lr=f"{rec['lr']:.3g}", sps=f"{rec['samples_per_s']:.0f}")
                 log.info(json.dumps(rec))
+                if writer is not None:
+                    for key in ("loss", "train_acc", "lr", "grad_norm", "samples_per_s"):
+                        writer.add_scalar(f"train/{key}", rec[key], step)
             if progress is not None:
                 progress.update(1)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
@@ -254,6 +265,8 @@ def train(cfg: TrainConfig) -> dict:
             epoch += 1
     if progress is not None:
         progress.close()
+    if writer is not None:
+        writer.close()
     summary = _evaluate_into(history, step, cfg, unwrapped, data, device, rank)
     checkpoint(step)
     if rank == 0:

@@ -240,3 +240,13 @@ def test_save_load_round_trip(tmp_path):
     default = TrainConfig()
     default.save_yaml(tmp_path / "d.yaml")
     assert load_config(str(tmp_path / "d.yaml"), []) == default
+
+
+def test_shipped_configs_load():
+    """Every YAML in configs/ is a valid run config (a typo there would only show up at launch)."""
+    from pathlib import Path
+    from launch.config import load_config
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        load_config(str(path), [])

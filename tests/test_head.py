@@ -215,3 +215,30 @@ def test_state_dict_round_trip_keeps_step():
     other = PartialFC(4, 6, seed=9)
     other.load_state_dict(head.state_dict())
     assert other.step == 1 and torch.equal(other.weight, head.weight)
+
+
+def test_gradient_accumulation_of_half_batches_equals_full_batch():
+    """Two equal micro-batches, each loss / 2, accumulate to the full batch's gradient (train.py's rule)."""
+    torch.manual_seed(8)
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 15, (10,))
+    full = make_head(6, 15, MARGINS["combined"])
+    _, gx_full, gw_full = run_head(full, x, y)
+    acc = make_head(6, 15, MARGINS["combined"])
+    xx = x.clone().requires_grad_()
+    for part in (slice(0, 5), slice(5, 10)):
+        (acc(xx[part], y[part]) / 2).backward()
+    torch.testing.assert_close(acc.weight.grad, gw_full, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(xx.grad, gx_full, rtol=1e-12, atol=1e-14)
+
+
+def test_fp16_autocast_runs_and_is_close():
+    torch.manual_seed(9)
+    head = PartialFC(16, 100, margin=CombinedMargin.cosface(s=16.0, m=0.3))
+    x, y = torch.randn(12, 16), torch.randint(0, 100, (12,))
+    exact = reference_loss(x.double(), head.weight.double(), y, s=16.0, m1=1.0, m2=0.0, m3=0.3)
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = head(xx, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and bool(torch.isfinite(xx.grad).all())
+    assert abs(float(loss.detach()) - float(exact)) < 0.02 * float(exact)

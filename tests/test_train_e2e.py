@@ -117,3 +117,25 @@ def test_evaluate_and_export(base_run, tmp_path):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--train.precision", "bf16", "--optim.grad_accum", "2", "--optim.schedule", "cosine"],
+    ["--head.sample_rate", "0.3", "--head.sparse_grad", "true", "--optim.head_optimizer", "sparse_sgd",
+     "--head.chunk_size", "8"],
+    ["--optim.optimizer", "adamw", "--optim.lr", "0.003", "--head.margin", "sphereface", "--head.m1", "1.7"],
+])
+def test_single_process_variants(tmp_path, overrides):
+    """Plain `python -m launch.train` (no process group) with other precisions, optimizers and heads."""
+    cmd = [sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--output_dir", str(tmp_path),
+           "--steps", "6", "--ckpt_every", "0", "--log_every", "1", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hist = losses(tmp_path)
+    assert len(hist) == 6 and all(v == v and v < 100 for v in hist.values())  # finite
+
+
+def test_config_typo_is_reported(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--optim.lerning_rate",
+                           "0.1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "lerning_rate" in proc.stderr and "lr" in proc.stderr
