@@ -289,7 +289,8 @@ def _evaluate_into(history, step, cfg, backbone, data: RunData, device, rank) ->
     if rank == 0 and data.heldout is not None:
         from launch.evaluate import evaluate_heldout
         result = evaluate_heldout(backbone, data.heldout, cfg, device)
-        history.append({"step": step, **{f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}})
+        history.append({"step": step, **{f"eval_{k}": v for k, v in result.items()
+                                         if isinstance(v, float) and not k.endswith("_std")}})
         log.info("eval at step %d: %s", step, json.dumps(result))
     barrier()
     return result
