@@ -20,10 +20,30 @@ def setup_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=_attempt_store(world, timeout), rank=int(os.environ["RANK"]),
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return 0, 1, 0
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> "dist.Store":
+    """torchrun's store, under a prefix of its own for each restart attempt.
+
+    Under ``torchrun --max-restarts`` the agent's store outlives a failed attempt, and with plain
+    ``env://`` the restarted ranks can read the previous attempt's (dead) gloo addresses and fail
+    with "connectFullMesh ... Connection refused". A per-attempt prefix makes every attempt start clean.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(os.environ["RANK"])
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=not agent_hosts_store and rank == 0, timeout=timeout,
+                         multi_tenant=not agent_hosts_store)
+    return dist.PrefixStore(f"/partialfc/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
 
 
 def barrier() -> None:
