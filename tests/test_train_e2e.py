@@ -139,3 +139,14 @@ def test_config_typo_is_reported(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--optim.lerning_rate",
                            "0.1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "lerning_rate" in proc.stderr and "lr" in proc.stderr
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu` starts torch elastic workers; without GPUs they use gloo on CPU."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "launch.train",
+           "--config", str(CONFIG), "--output_dir", str(tmp_path), "--steps", "3", "--log_every", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world 2" in proc.stderr
+    assert len(losses(tmp_path)) == 3
