@@ -69,13 +69,14 @@ def _grad_block(g, xhat_mm, w_mm, w_acc, inv_norm, c0, c1, target, row_gain, dps
                     lambda old: (old - row_gain * inv_norm[target.clamp(c0, c1 - 1)]) * dpsi)
     g_mm = g.to(xhat_mm.dtype)
     grad_xhat.add_(torch.mm(g_mm, w_mm[c0:c1]))  # (B, d)
-    a = torch.mm(g_mm.t(), xhat_mm)  # (cb, d)
-    if a.dtype != w_acc.dtype:
-        a = a.to(w_acc.dtype)
+    a = grad_w[c0:c1]  # (cb, d), contiguous rows: the product is written straight into the gradient
+    if g_mm.dtype == a.dtype:
+        torch.mm(g_mm.t(), xhat_mm, out=a)
+    else:
+        a.copy_(torch.mm(g_mm.t(), xhat_mm))
     w_blk = w_acc[c0:c1]
     coef = torch.linalg.vecdot(a, w_blk) * inv_norm[c0:c1].square()  # (cb,)
     a.addcmul_(w_blk, coef.unsqueeze(1), value=-1.0)
-    grad_w[c0:c1] = a
 
 
 class MarginSoftmaxCrossEntropy(torch.autograd.Function):

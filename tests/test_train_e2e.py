@@ -3,6 +3,7 @@ under ``torchrun --max-restarts``, evaluation and ONNX export — on the generat
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,24 @@ CONFIG = ROOT / "configs" / "smoke_synthetic.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
 
 
+def run_cmd(cmd, timeout=240, env=None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {cmd}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def torchrun(nproc: int, out: Path, *extra: str, max_restarts: int = 0, env=None, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", "-m", "launch.train", "--config", str(CONFIG),
            "--output_dir", str(out), "--log_every", "1", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_cmd(cmd, timeout=timeout, env={**ENV, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -93,16 +106,14 @@ def test_killed_rank_restarts_from_last_checkpoint(base_run, tmp_path):
 def test_evaluate_and_export(base_run, tmp_path):
     ckpt = base_run / "checkpoints" / "step_00000012"
     out_json = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", "--checkpoint", str(ckpt), "--json",
-                           str(out_json)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    proc = run_cmd([sys.executable, "-m", "launch.evaluate", "--checkpoint", str(ckpt), "--json", str(out_json)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out_json.read_text())
     final = json.loads((base_run / "history.json").read_text())["final_eval"]
     assert result["verification_acc"] == pytest.approx(final["verification_acc"])
     assert "identification_top1" in proc.stdout
     onnx_path = tmp_path / "backbone.onnx"
-    proc = subprocess.run([sys.executable, "-m", "launch.export", "--checkpoint", str(ckpt), "--output",
-                           str(onnx_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    proc = run_cmd([sys.executable, "-m", "launch.export", "--checkpoint", str(ckpt), "--output", str(onnx_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert onnx_path.stat().st_size > 10_000
 
@@ -129,15 +140,14 @@ def test_single_process_variants(tmp_path, overrides):
     """Plain `python -m launch.train` (no process group) with other precisions, optimizers and heads."""
     cmd = [sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--output_dir", str(tmp_path),
            "--steps", "6", "--ckpt_every", "0", "--log_every", "1", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    proc = run_cmd(cmd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     hist = losses(tmp_path)
     assert len(hist) == 6 and all(v == v and v < 100 for v in hist.values())  # finite
 
 
 def test_config_typo_is_reported(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--optim.lerning_rate",
-                           "0.1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = run_cmd([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--optim.lerning_rate", "0.1"])
     assert proc.returncode != 0 and "lerning_rate" in proc.stderr and "lr" in proc.stderr
 
 
@@ -146,7 +156,7 @@ def test_accelerate_launch_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "launch.train",
            "--config", str(CONFIG), "--output_dir", str(tmp_path), "--steps", "3", "--log_every", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    proc = run_cmd(cmd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world 2" in proc.stderr
     assert len(losses(tmp_path)) == 3
