@@ -27,13 +27,17 @@ For each one: median over --repeats of forward+backward and of forward+backward+
 (after --warmup steps; barrier before and, on CUDA, synchronize around each timing; per repeat
 the slowest rank counts), and, timed in the same rounds, the three bare matrix products of the
 same shapes (x W^T: (B, d)(d, C); G W: (B, C)(C, d); G^T x: (C, B)(B, d), C = the sampled rows
-for sampled variants). eta = matmul time / forward+backward time; GFLOP/s = 6 B C d / fwd+bwd.
+for sampled variants). Variants are timed round-robin (one repeat of each in turn), so a change
+of machine load hits them alike. eta = matmul time / forward+backward time, the median over
+rounds of the per-round ratio; GFLOP/s = 6 B C d / median fwd+bwd. Step-time ratios between
+variants in the targets are medians of per-round ratios as well.
 
 Memory: on CUDA ``max_memory_allocated`` during the steps minus the allocation after the
-variant was built; on CPU each (configuration, variant) runs in a fresh group of processes and
-reports its peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``, the high-water mark
-reset through /proc/self/clear_refs after the weights were allocated where Linux allows it) minus
-the RSS after the weights were allocated: "memory above the weights", max over ranks. It is
+variant was built and warmed up; on CPU each (configuration, variant) runs in a fresh group of
+processes and reports its peak resident set size (VmHWM, i.e. ``getrusage().ru_maxrss`` without
+the marks left by exited threads; ``ru_maxrss`` where /proc is missing), the high-water mark
+reset through /proc/self/clear_refs at the baseline, minus the RSS after the weights were
+allocated and one warm-up forward+backward: "memory above the weights", max over ranks. It is
 measured twice, after --memory-steps forward+backward steps (``mem_fb``) and after as many full
 steps with the optimizer (``mem_step``, includes the optimizer state), and set beside the
 prediction of :mod:`partialfc.plan` (``pred_fb``, ``pred_step``).
@@ -66,7 +70,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -186,9 +190,9 @@ class BaselineHead(nn.Module):
         eps = max(1e-7, 4 * torch.finfo(cos.dtype).eps)
         theta = torch.acos(cos.clamp(-1 + eps, 1 - eps))
         logits = self.s * torch.cos(theta + self.m * one_hot)  # margin on the target entries
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if not distributed:
-            return F.cross_entropy(logits.float(), labels)
-        logits = logits.float()
+            return F.cross_entropy(logits, labels)
         row_max = logits.detach().amax(dim=1)
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
         sum_exp = _SumOverRanks.apply(torch.exp(logits - row_max.unsqueeze(1)).sum(dim=1), self.group)
@@ -292,7 +296,6 @@ class Case:
         self.labels = torch.randint(0, n, (cfg.batch_per_rank,), generator=g).to(device)
         self.autocast = DTYPES[cfg.amp] if cfg.amp != "none" else None
         self.times = {"fb": [], "step": [], "mm": []}
-        self.mm_tensors = None
         self.rows = None  # classes per matrix product (sampled rows for sampled variants)
 
     def fwd_bwd(self):
@@ -393,19 +396,26 @@ def time_variants(cfg: BenchConfig, variants, warmup: int, repeats: int, device,
             t = t.to(device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             t = t.cpu()
-        fb, st, mm = (_median(t[i].tolist()) for i in range(3))
+        fb_all, st_all, mm_all = (t[i].tolist() for i in range(3))
+        fb, st, mm = _median(fb_all), _median(st_all), _median(mm_all)
+        eta = _median([m / f for m, f in zip(mm_all, fb_all)])  # per round: matmuls and step side by side
         c, b, d = case.matmul_rows(), cfg.global_batch, cfg.embedding_size
         row = dict(variant=case.variant, classes_per_rank=cfg.classes_per_rank, rows=c, global_batch=b,
                    embedding_size=d, dtype=cfg.dtype, amp=cfg.amp, world_size=world, sample_rate=cfg.sample_rate
                    if case.variant.startswith("sampled") else 1.0,
                    chunk_size=cfg.chunk_size if case.variant == "chunked" else None,
-                   t_fb=fb, t_step=st, t_mm=mm, eta=mm / fb, gflops=6.0 * b * c * d / fb / 1e9,
+                   t_fb=fb, t_step=st, t_mm=mm, eta=eta, gflops=6.0 * b * c * d / fb / 1e9,
+                   t_fb_all=fb_all, t_step_all=st_all, t_mm_all=mm_all,
+                   weights=sum(_nbytes(p) for p in case.head.parameters()),
                    coll_bytes=case.coll[0], coll_calls=case.coll[1], coll_detail=case.coll[2],
                    repeats=len(case.times["fb"]))
         row.update(getattr(case, "cuda_mem", {}))
         rows.append(row)
 
     def cuda_measure(case):
+        case.fwd_bwd()  # warm-up: cuBLAS workspace, kernels; its gradient is dropped again
+        case.opt.zero_grad(set_to_none=True)
+        case.embeddings.grad = None
         gc.collect()
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -431,14 +441,21 @@ def time_variants(cfg: BenchConfig, variants, warmup: int, repeats: int, device,
             finish(case)
         del cases
     else:
+        oom = getattr(torch, "OutOfMemoryError", RuntimeError)
         for v in variants:
-            case = Case(v, cfg, device, group)
-            if cuda_memory:
-                cuda_measure(case)
-            prepare(case)
-            for _ in range(repeats):
-                one_round(case)
-            finish(case)
+            case = None
+            try:
+                case = Case(v, cfg, device, group)
+                if cuda_memory:
+                    cuda_measure(case)
+                prepare(case)
+                for _ in range(repeats):
+                    one_round(case)
+                finish(case)
+            except oom:  # e.g. the baseline head at millions of classes: skip the variant, keep the run
+                if device.type != "cuda":
+                    raise
+                print(f"[bench] {v} at C_local={cfg.classes_per_rank:,}: out of memory, skipped", flush=True)
             del case
             mm_cache.clear()
             gc.collect()
@@ -458,8 +475,33 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """Peak RSS of this process: VmHWM (Linux), else ``getrusage(RUSAGE_SELF).ru_maxrss``.
+
+    Both are the same high-water mark, except that ru_maxrss also keeps the mark recorded when a
+    thread of the process exits, which clearing the mark (``_reset_peak_rss``) does not undo."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _rss_parts() -> dict:
+    """Current anonymous / file-backed / shared resident memory (bytes) from /proc/self/status."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _reset_peak_rss() -> bool:
@@ -488,29 +530,31 @@ def memory_worker(rank: int, world: int, cfg: BenchConfig, variant: str, steps: 
                   pin_malloc: bool = True) -> dict:
     """Run in a fresh process: RSS above the weights after fwd+bwd steps, then after full steps.
 
-    Before the measured head is built, a tiny head of the same variant takes two steps, so that
-    one-time library state (kernels, autograd engine, gloo buffers: ~15 MB) is not counted."""
+    One forward+backward of the same head runs before the baseline is read (its gradient is
+    then dropped), so that one-time library state (kernels, oneDNN primitives and scratch for
+    these shapes, autograd engine, gloo buffers: 5-15 MB) is not counted as the head's."""
     pinned = _pin_malloc_threshold() if pin_malloc else False
-    tiny = Case(variant, replace(cfg, classes_per_rank=max(64, cfg.world_size), embedding_size=16,
-                                 batch_per_rank=8, chunk_size=16), torch.device("cpu"), None)
-    tiny.step()
-    tiny.step()
-    del tiny
-    gc.collect()
     case = Case(variant, cfg, torch.device("cpu"), None)
+    case.fwd_bwd()
+    case.opt.zero_grad(set_to_none=True)
+    case.embeddings.grad = None
     gc.collect()
     base = _rss_bytes()
     reset = _reset_peak_rss()
     slack = _peak_rss_bytes() - base  # > 0 when the reset failed: earlier peaks hide small ones
+    parts_base = _rss_parts()
     for _ in range(steps):
         case.fwd_bwd()
     mem_fb = _peak_rss_bytes() - base
     for _ in range(steps):
         case.step()
     mem_step = _peak_rss_bytes() - base
+    parts_end = _rss_parts()
     weights = sum(_nbytes(p) for p in case.head.parameters())
     return dict(mem_fb=mem_fb, mem_step=mem_step, mem_base=base, weights=weights, peak_reset=reset,
-                reset_slack=slack, malloc_pinned=pinned)
+                reset_slack=slack, malloc_pinned=pinned,
+                rss_file_growth=parts_end.get("RssFile", 0) - parts_base.get("RssFile", 0),
+                rss_parts_base=parts_base, rss_parts_end=parts_end)
 
 
 def timing_worker(rank: int, world: int, cfg: BenchConfig, variants, warmup: int, repeats: int,
@@ -547,7 +591,7 @@ def run_group(fn, world: int, *args, threads: int = 1, timeout: float = 1800.0, 
         start_method = "spawn"
     ctx = mp.get_context(start_method)
     if start_method == "forkserver" and not _PRELOADED:
-        ctx.set_forkserver_preload(["torch", "partialfc"])
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim", "partialfc", "partialfc.plan"])  # torch.optim imports _dynamo lazily: 2-3 s
         _PRELOADED = True
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -640,6 +684,15 @@ def _fmt_err(pred, meas) -> str:
     return f"{100.0 * (pred - meas) / meas:+.1f}%"
 
 
+def _round_ratio(a: dict, b: dict, key: str) -> float:
+    """Median over rounds of a[key] / b[key] when both were timed in the same rounds, else the
+    ratio of the medians."""
+    xs, ys = a.get(key + "_all"), b.get(key + "_all")
+    if xs and ys and len(xs) == len(ys):
+        return _median([x / y for x, y in zip(xs, ys)])
+    return a[key] / b[key]
+
+
 def evaluate_targets(rows: list[dict]) -> list[dict]:
     """Checks of the issue's targets for every class count in ``rows``."""
     checks = []
@@ -660,7 +713,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                                value=ratio, target=f"<= {TARGETS['chunked_memory_ratio']}",
                                met=ratio <= TARGETS["chunked_memory_ratio"]))
         if "sampled_sparse" in v and "materialized" in v:
-            ratio = v["sampled_sparse"]["t_step"] / v["materialized"]["t_step"]
+            ratio = _round_ratio(v["sampled_sparse"], v["materialized"], "t_step")
             checks.append(dict(C=c, name="sampled_sparse step / materialized step (incl. optimizer)",
                                value=ratio, target=f"<= {TARGETS['sparse_step_ratio']}",
                                met=ratio <= TARGETS["sparse_step_ratio"]))
@@ -760,7 +813,8 @@ def plot(rows: list[dict], path: str) -> str:
     ax2.set(xlabel="classes per rank", ylabel="MiB", title="memory above the weights, full step (dotted: plan)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
@@ -830,7 +884,15 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     group, rank = None, 0
-    if use_cuda:
+    cpu_torchrun = under_torchrun and not use_cuda
+    if cpu_torchrun:  # CPU ranks started by torchrun: time in this process on its gloo group
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        torch.set_num_threads(args.threads)
+        device, world, rank = torch.device("cpu"), dist.get_world_size(), dist.get_rank()
+        where = f"CPU, {world} gloo rank(s) started by torchrun x {args.threads} thread(s)"
+        memory_note = "not measured (under torchrun the ranks are not fresh processes per case)"
+    elif use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -840,15 +902,17 @@ def main(argv=None) -> int:
         rank = dist.get_rank() if dist.is_initialized() else 0
         where = (f"CUDA, {world} rank(s) ({'NCCL group' if world > 1 else 'no process group'})")
         memory_note = ("torch.cuda.max_memory_allocated during the steps minus the allocation after the variant "
-                       "was built (weights + inputs)")
+                       "was built and one warm-up fwd+bwd (weights + inputs); predicted = partialfc.plan (cuda model)")
     else:
         device = torch.device("cpu")
         world = args.world_size
         where = (f"CPU, {world} gloo rank(s) x {args.threads} thread(s) (torch.multiprocessing "
                  f"{args.start_method}, FileStore rendezvous)")
-        memory_note = ("peak RSS (ru_maxrss) of a fresh process group per case minus the RSS after the weights "
-                       "were allocated (max over ranks): includes the gradient, optimizer state (step), "
-                       "temporaries, allocator slack; predicted = partialfc.plan (device model cpu)")
+        memory_note = ("peak RSS (VmHWM / ru_maxrss) of a fresh process group per case minus the RSS after the weights "
+                       "were allocated and one warm-up fwd+bwd (max over ranks): includes the weight gradient, "
+                       "the optimizer state (step columns) and all temporaries; glibc's mmap threshold "
+                       + ("kept dynamic" if args.malloc_default else "pinned to 1 MiB") +
+                       " in those processes; predicted = partialfc.plan (device model cpu)")
     base_cfg = BenchConfig(embedding_size=args.embedding_size, batch_per_rank=args.batch_per_rank,
                            sample_rate=args.sample_rate, chunk_size=args.chunk_size, dtype=args.dtype, amp=args.amp,
                            world_size=world, validate=args.validate)
@@ -860,7 +924,10 @@ def main(argv=None) -> int:
     rows = []
     for c in sweep:
         cfg = replace(base_cfg, classes_per_rank=c)
-        if use_cuda:
+        if cpu_torchrun:
+            part = time_variants(cfg, variants, args.warmup, args.repeats, device, None,
+                                 interleave=args.interleave != "off")
+        elif use_cuda:
             part = time_variants(cfg, variants, args.warmup, args.repeats, device, None,
                                  interleave=args.interleave == "on", cuda_memory=not args.no_memory,
                                  memory_steps=args.memory_steps)

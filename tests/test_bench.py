@@ -1,0 +1,141 @@
+"""launch.bench: the quick run end to end (files and their contents; no timing assertions) and the
+pieces it is built from."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch.bench import (VARIANTS, BaselineHead, BenchConfig, Case, CollectiveCounter, build_parser,
+                          evaluate_targets, markdown_table, predict, time_variants)
+from partialfc import CombinedMargin, PartialFC
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "launch.bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_quick_run_writes_its_files(quick_run):
+    out, stdout = quick_run
+    for name in ("bench.md", "bench.csv", "bench.json", "bench.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in stdout
+
+
+def test_quick_run_contents(quick_run):
+    out, _ = quick_run
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    data = json.loads((out / "bench.json").read_text())
+    cs = sorted({int(r["classes_per_rank"]) for r in rows})
+    assert len(cs) == 2
+    assert sorted((int(r["classes_per_rank"]), r["variant"]) for r in rows) == sorted(
+        (c, v) for c in cs for v in VARIANTS)
+    w, br, d = 2, 64, 64
+    b = w * br
+    # what the head sends per step: all-gather of [x | labels] rows, all-reduce MAX (B,) and SUM (3, B),
+    # reduce-scatter of the (B, d) embedding gradient; ring model, fp32
+    head_bytes = (w - 1) * br * (d * 4 + 8) + 2 * (w - 1) / w * (b * 4 + 3 * b * 4) + (w - 1) * br * d * 4
+    for r in rows:
+        c, rows_mm = int(r["classes_per_rank"]), int(r["rows"])
+        for key in ("t_fb", "t_step", "t_mm", "eta", "gflops"):
+            value = float(r[key])
+            assert math.isfinite(value) and value > 0, (key, r)
+        assert int(r["world_size"]) == w and int(r["global_batch"]) == b and int(r["embedding_size"]) == d
+        if r["variant"].startswith("sampled"):
+            assert rows_mm == math.ceil(0.1 * c)
+        else:
+            assert rows_mm == c
+        # memory measured for every case; predicted for the PartialFC variants
+        assert r["mem_fb"] != "" and r["mem_step"] != ""
+        assert int(r["mem_step"]) > 0
+        if r["variant"] != "baseline":
+            assert int(r["pred_fb"]) > 0 and int(r["pred_step"]) >= int(r["pred_fb"])
+            assert int(r["coll_bytes"]) == round(head_bytes) and int(r["coll_calls"]) == 4
+        assert int(r["weights"]) == c * d * 4
+    # collective bytes do not depend on the number of classes
+    for v in VARIANTS:
+        assert len({r["coll_bytes"] for r in rows if r["variant"] == v}) == 1
+    md = (out / "bench.md").read_text()
+    assert "| C_local | variant |" in md and "## Targets" in md and "torch" in md
+    assert len(data["rows"]) == len(rows) and data["meta"]["config"]["world_size"] == w
+    assert any("collective bytes independent of C" in t["name"] and t["met"] for t in data["targets"])
+
+
+def test_help_documents_the_options():
+    text = build_parser().format_help()
+    for option in ("--quick", "--sweep", "--out", "--variants", "--sample-rate", "--chunk-size", "--dtype",
+                   "--world-size", "--repeats", "--warmup"):
+        assert option in text
+    for variant in VARIANTS:
+        assert variant in text
+
+
+def test_baseline_head_is_arcface():
+    """One rank: the naive autograd head and PartialFC give the same loss and gradients."""
+    torch.manual_seed(0)
+    d, n, batch = 16, 50, 12
+    x = torch.randn(batch, d, dtype=torch.float64)
+    y = torch.randint(0, n, (batch,))
+    base = BaselineHead(d, n, dtype=torch.float64)
+    head = PartialFC(d, n, margin=CombinedMargin.arcface(s=64.0, m=0.5), dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(base.weight)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = base(xa, y), head(xb, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(base.weight.grad, head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_case_steps_on_one_rank(variant):
+    cfg = BenchConfig(classes_per_rank=300, embedding_size=8, batch_per_rank=6, chunk_size=64, world_size=1)
+    case = Case(variant, cfg, torch.device("cpu"))
+    with CollectiveCounter(1) as counter:
+        case.step()
+    assert counter.calls == [] and counter.sent_bytes() == 0  # no process group: no collective
+    assert case.head.weight.grad is not None
+    assert case.matmul_rows() == (30 if variant.startswith("sampled") else 300)
+    plan = predict(cfg, variant, "cpu")
+    assert (plan is None) == (variant == "baseline")
+
+
+def test_time_variants_one_after_the_other():
+    """The sequential path (used on GPUs): one row per variant with the sampled rows and no traffic."""
+    cfg = BenchConfig(classes_per_rank=200, embedding_size=8, batch_per_rank=4, chunk_size=64, world_size=1)
+    rows = time_variants(cfg, VARIANTS, warmup=1, repeats=2, device=torch.device("cpu"), interleave=False)
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    for r in rows:
+        assert r["repeats"] == 2 and len(r["t_fb_all"]) == 2 and r["coll_bytes"] == 0 and r["world_size"] == 1
+        assert r["rows"] == (20 if r["variant"].startswith("sampled") else 200)
+
+
+def test_targets_and_table_from_rows():
+    def row(variant, c, t_fb, t_step, eta, mem_fb, coll=1000):
+        return dict(variant=variant, classes_per_rank=c, rows=c, t_fb=t_fb, t_step=t_step, t_mm=eta * t_fb,
+                    eta=eta, gflops=1.0, mem_fb=mem_fb, mem_step=mem_fb, coll_bytes=coll, coll_calls=4)
+    rows = [row("materialized", 10, 1.0, 1.1, 0.85, 100), row("chunked", 10, 1.2, 1.3, 0.6, 10),
+            row("sampled_sparse", 10, 0.1, 0.15, 0.5, 5), row("materialized", 20, 2.0, 2.2, 0.9, 200, coll=1000)]
+    checks = {(c["C"], c["name"]): c["met"] for c in evaluate_targets(rows)}
+    assert checks[(10, "materialized eta (fwd+bwd)")] is True
+    assert checks[(10, "chunked eta (fwd+bwd)")] is False
+    assert checks[(10, "chunked / materialized memory above the weights (fwd+bwd)")] is True
+    assert checks[(10, "sampled_sparse step / materialized step (incl. optimizer)")] is True
+    assert checks[("10,20", "materialized: collective bytes independent of C")] is True
+    table = markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "materialized" in table
