@@ -17,20 +17,19 @@ the accumulation (fp32; fp64 for fp64 products) and of the embeddings. What one 
 
 ==================  =====================================================================
 weights             ``C d P``, the shard (``head.weight``)
-gradient            the loss' ``(k, d)`` gradient in ``A`` (``grad_w``), its cast to ``P``,
-                    the ``(C, d)`` dense gradient scattered from a sample, ``weight.grad``
+gradient            the loss' ``(k, d)`` gradient ``grad_w`` in the weight dtype ``P``, the
+                    ``(C, d)`` dense gradient scattered from a sample, ``weight.grad``
 optimizer_state     momentum ``C d P`` (sgd_momentum, sparse_sgd + a ``C`` bool row mask),
                     ``2 C d P`` (adamw)
 logits              materialized: one ``(B, k)`` buffer in ``A`` kept from forward to backward;
-                    chunked: two ``(B, chunk)`` blocks (the previous block is still referenced
-                    while the next is formed)
+                    chunked: one ``(B, chunk)`` block at a time (each is deleted before the next)
 mm_temporaries      matmul-dtype copies (``w_mm``, ``x^_mm``, the block product before its cast,
-                    ``G'_mm``, ``G'^T x^`` before it is copied into ``grad_w`` when ``M != A``;
-                    with ``M == A`` it is written into ``grad_w`` directly), the ``(k, d)``
-                    elementwise product inside ``linalg.vecdot`` of the radial projection, the
-                    ``A`` copy of the weights for it when
-                    ``P != A`` (``w_acc``), and on CPU the ``A`` copy that
-                    ``vector_norm(weight, dtype=A)`` makes of a ``P != A`` weight
+                    ``G'_mm``, ``G'^T x^`` before it is copied into ``grad_w`` when ``M != P``;
+                    with ``M == P`` it is written into ``grad_w`` directly), the radial
+                    projection's row slices (``VECDOT_ROWS`` rows: the ``linalg.vecdot`` product,
+                    and the ``A`` promotions of the slice of ``grad_w`` and of ``w`` when
+                    ``P != A``), and on CPU the ``A`` copy that ``vector_norm(weight, dtype=A)``
+                    makes of a ``P != A`` weight
 embeddings          gathered payload and ``x_global`` (``B (d E + 8)``), ``x^`` and the
                     ``(B, d)`` gradients
 sampled_weights     the ``(k, d)`` copy of the sampled rows (``index_select`` / ``F.embedding``)
@@ -259,14 +258,12 @@ def _simulate(cfg: dict, with_optimizer: bool) -> _Timeline:
         t.alloc("b_xhat_mm", "mm_temporaries", B * d * M, where)
     if not p_is_m:
         t.alloc("b_w_mm", "mm_temporaries", k * d * M, where)
-    if not p_is_a:
-        t.alloc("w_acc", "mm_temporaries", k * d * A, where)
     t.alloc("grad_xhat", "embeddings", B * d * A, where)
     # grad_w = torch.empty(k, d): counted at once on CUDA; on CPU its pages count once written,
     # block by block (grad_w[c0:c1] = a)
     grad_w_parts = []
     if not cpu:
-        t.alloc("grad_w", "gradient", k * d * A, where)
+        t.alloc("grad_w", "gradient", k * d * P, where)  # in the weight's dtype
         grad_w_parts.append("grad_w")
 
     def grad_block(cb, tag):
@@ -277,17 +274,22 @@ def _simulate(cfg: dict, with_optimizer: bool) -> _Timeline:
         t.free("gx_part")
         # a = grad_w[c0:c1]: G'^T x^ goes straight into the gradient (mm out=) when the product
         # dtype is the accumulation dtype, else through an M-dtype product and a copy
-        if not m_is_a:
+        if not p_is_m:
             t.alloc("a_mm", "mm_temporaries", cb * d * M, where_)
         if cpu:  # the block's pages of grad_w are written here
             name_ = f"grad_w{len(grad_w_parts)}"
-            t.alloc(name_, "gradient", cb * d * A, f"backward: grad_w written{tag}")
+            t.alloc(name_, "gradient", cb * d * P, f"backward: grad_w written{tag}")
             grad_w_parts.append(name_)
         t.free("a_mm")
         t.alloc("coef", "other", cb * A, where_)
         # linalg.vecdot(a, w_blk) is (a * w_blk).sum(1), run on slices of VECDOT_ROWS rows
         # (softmax.py): a (min(cb, VECDOT_ROWS), d) product for a moment
-        t.alloc("vecdot_tmp", "mm_temporaries", min(cb, _VECDOT_ROWS["cpu" if cpu else "cuda"]) * d * A, where_)
+        rows = min(cb, _VECDOT_ROWS["cpu" if cpu else "cuda"])
+        if not p_is_a:  # the slice of a and of w promoted to the accumulation dtype
+            t.alloc("a_slice", "mm_temporaries", rows * d * A, where_)
+            t.alloc("w_slice", "mm_temporaries", rows * d * A, where_)
+        t.alloc("vecdot_tmp", "mm_temporaries", rows * d * A, where_)
+        t.free("a_slice", "w_slice")
         t.free("vecdot_tmp", "g_mm", "coef")
 
     last_z = "z0"  # materialized: the forward's buffer, turned into G' in place
@@ -301,7 +303,7 @@ def _simulate(cfg: dict, with_optimizer: bool) -> _Timeline:
         earlier = len(all_blocks) - len(shown)
         if earlier:
             if cpu:
-                t.alloc("grad_w_earlier", "gradient", earlier * chunk * d * A, "backward: earlier blocks")
+                t.alloc("grad_w_earlier", "gradient", earlier * chunk * d * P, "backward: earlier blocks")
                 grad_w_parts.append("grad_w_earlier")
             t.alloc("bz_earlier", "logits", B * chunk * A, "backward: earlier blocks")
         prev = "bz_earlier" if earlier else None
@@ -321,15 +323,9 @@ def _simulate(cfg: dict, with_optimizer: bool) -> _Timeline:
     t.alloc("grad_x", "embeddings", B * d * A, where)
     if not e_is_a:
         t.alloc("grad_x_e", "embeddings", B * d * E, where)
-    if not p_is_a:
-        t.alloc("grad_w_p", "gradient", k * d * P, "backward: grad_w cast to the weight dtype")
     # the Function returns; its locals and saved tensors (incl. a sampled weight copy) go
-    t.free(last_z, "b_xhat_mm", "b_w_mm", "w_acc", "grad_xhat", "grad_x", "xhat", "inv_norm", "w_sampled")
-    if not p_is_a:
-        t.free(*grad_w_parts)
-        grad_k = ["grad_w_p"]
-    else:
-        grad_k = grad_w_parts
+    t.free(last_z, "b_xhat_mm", "b_w_mm", "grad_xhat", "grad_x", "xhat", "inv_norm", "w_sampled")
+    grad_k = grad_w_parts  # already in the weight's dtype
     # ---- backward: weight path ------------------------------------------------------------
     if sampled and not sparse:  # IndexSelectBackward: zeros (C, d) + index_add_
         t.alloc("grad_dense", "gradient", C * d * P, "backward: sampled gradient scattered to (C, d)")

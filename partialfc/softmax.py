@@ -63,9 +63,14 @@ def _put_target(z, target, c0, c1, new_value):
     z.scatter_(1, col, torch.where(in_block, new_value(old), old).unsqueeze(1))
 
 
-def _grad_block(g, xhat_mm, w_mm, w_acc, inv_norm, c0, c1, target, row_gain, dpsi, grad_xhat, grad_w):
+def _grad_block(g, xhat_mm, w_mm, weight, inv_norm, c0, c1, target, row_gain, dpsi, grad_xhat, grad_w):
     """Turn the block's probabilities-times-row-factor ``g`` (B, cb) into G' in place and
-    accumulate its contribution to ``grad_xhat`` (B, d) and ``grad_w[c0:c1]`` (cb, d)."""
+    accumulate its contribution to ``grad_xhat`` (B, d) and ``grad_w[c0:c1]`` (cb, d).
+
+    ``grad_w`` has the weight's dtype; the radial projection runs in the accumulation dtype on
+    row slices, so no full-size higher-precision copy of the weights or of their gradient exists.
+    """
+    acc = g.dtype
     g.mul_(inv_norm[c0:c1])
     if g.shape[0]:
         # target column: (g0 p_iy - g0) psi' / n_y, where g currently holds g0 p_iy / n_y
@@ -78,13 +83,16 @@ def _grad_block(g, xhat_mm, w_mm, w_acc, inv_norm, c0, c1, target, row_gain, dps
         torch.mm(g_mm.t(), xhat_mm, out=a)
     else:
         a.copy_(torch.mm(g_mm.t(), xhat_mm))
-    w_blk = w_acc[c0:c1]
-    coef = torch.empty(c1 - c0, dtype=a.dtype, device=a.device)  # (cb,) = a_j . w_j, in slices:
+    # dL/dw_j = a_j - (a_j . w_j) w_j / n_j^2, in slices: vecdot materialises a * w, and a
+    # low-precision a or w is promoted one slice at a time
     rows = VECDOT_ROWS.get(a.device.type, VECDOT_ROWS_DEFAULT)
-    for r0 in range(0, c1 - c0, rows):  # vecdot materialises a * w, so keep that small
-        torch.linalg.vecdot(a[r0:r0 + rows], w_blk[r0:r0 + rows], out=coef[r0:r0 + rows])
-    coef.mul_(inv_norm[c0:c1].square())
-    a.addcmul_(w_blk, coef.unsqueeze(1), value=-1.0)
+    for r0 in range(0, c1 - c0, rows):
+        r1 = min(r0 + rows, c1 - c0)
+        a_s, w_s = a[r0:r1].to(acc), weight[c0 + r0: c0 + r1].to(acc)  # views when already acc
+        coef = torch.linalg.vecdot(a_s, w_s) * inv_norm[c0 + r0: c0 + r1].square()
+        a_s.addcmul_(w_s, coef.unsqueeze(1), value=-1.0)
+        if a_s.dtype != a.dtype:  # else a_s is a view of a and already updated
+            a[r0:r1].copy_(a_s)
 
 
 class MarginSoftmaxCrossEntropy(torch.autograd.Function):
@@ -173,12 +181,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             row_gain = torch.where(valid, g0, 0.0)  # (B,)
             xhat_mm = xhat.to(mm_dtype)
             w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
-            w_acc = weight if weight.dtype == acc else weight.to(acc)
             grad_xhat = torch.zeros_like(xhat)
-            grad_w = torch.empty(num_local, weight.shape[1], dtype=acc, device=weight.device)
+            grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)  # weight's dtype
             if buffer is not None:  # materialized: buffer = exp(z - m_local) -> g0 p in place
                 buffer.mul_((row_gain * torch.exp(m_local - m_global) / sum_exp).unsqueeze(1))
-                _grad_block(buffer, xhat_mm, w_mm, w_acc, inv_norm, 0, num_local, target, row_gain, dpsi,
+                _grad_block(buffer, xhat_mm, w_mm, weight, inv_norm, 0, num_local, target, row_gain, dpsi,
                             grad_xhat, grad_w)
             else:  # chunked: recompute each block of logits
                 s_inv = row_gain / sum_exp
@@ -187,13 +194,13 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     c1 = min(c0 + chunk, num_local)
                     z = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc)
                     z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
-                    _grad_block(z, xhat_mm, w_mm, w_acc, inv_norm, c0, c1, target, row_gain, dpsi,
+                    _grad_block(z, xhat_mm, w_mm, weight, inv_norm, c0, c1, target, row_gain, dpsi,
                                 grad_xhat, grad_w)
                     del z
             # through x^ = x / |x|: (g - (g . x^) x^) / |x|
             radial = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(1)
             grad_x = (grad_xhat - radial * xhat) / x_norm
-        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), None, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None, None
 
 
 def margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

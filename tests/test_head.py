@@ -242,3 +242,22 @@ def test_fp16_autocast_runs_and_is_close():
     loss.backward()
     assert loss.dtype == torch.float32 and bool(torch.isfinite(xx.grad).all())
     assert abs(float(loss.detach()) - float(exact)) < 0.02 * float(exact)
+
+
+def test_bf16_parameters_match_float64_oracle():
+    """bf16 weights and embeddings (no autocast): the gradient comes back in bf16, close to float64."""
+    torch.manual_seed(10)
+    d, c, b = 32, 300, 24
+    margin = CombinedMargin.arcface(s=32.0, m=0.5)
+    for chunk in (None, 64):
+        head = PartialFC(d, c, margin=margin, chunk_size=chunk).to(torch.bfloat16)
+        x = torch.randn(b, d).bfloat16()
+        labels = torch.randint(0, c, (b,))
+        ref = reference_grads(x.double(), head.weight.double(), labels, **margin_kwargs(margin))
+        xx = x.clone().requires_grad_()
+        loss = head(xx, labels)
+        loss.backward()
+        assert head.weight.grad.dtype == torch.bfloat16 and xx.grad.dtype == torch.bfloat16
+        assert abs(float(loss.detach()) - float(ref[0])) < 0.02 * float(ref[0])
+        for got, want in ((xx.grad, ref[1]), (head.weight.grad, ref[2])):
+            assert float((got.double() - want).norm() / want.norm()) < 0.05
