@@ -147,7 +147,7 @@ def _reshard_rows(path: Path, meta: dict, start: int, end: int, weight: torch.Te
     param_groups = None
     for old_rank, (s, e) in enumerate(meta["shards"]):
         lo, hi = max(s, start), min(e, end)
-        if lo >= hi and not (old_rank == 0 and param_groups is None):
+        if lo >= hi and old_rank != 0:  # shard 0 is always read: it carries the param groups
             continue
         shard = _load(path / f"head_rank{old_rank}.pt", mmap=True)
         param_groups = param_groups or shard["optimizer_param_groups"]

@@ -15,6 +15,7 @@ embedding gradient by the world size, so DDP's averaging hands the backbone the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -200,7 +201,7 @@ def train(cfg: TrainConfig) -> dict:
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             sync_now = (micro + 1) % accum == 0
-            ctx = accelerator.no_sync(model) if not sync_now else _nullcontext()
+            ctx = accelerator.no_sync(model) if not sync_now else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     embeddings = model(images)  # (B_local, d)
@@ -273,14 +274,6 @@ def train(cfg: TrainConfig) -> dict:
         _write_outputs(out, history, snapshots, cfg, summary)
     barrier()
     return {"step": step, "eval": summary, "history": history}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _evaluate_into(history, step, cfg, backbone, data: RunData, device, rank) -> Optional[dict]:

@@ -159,7 +159,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             loss = row_loss.sum() / n_valid
 
         ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc = s, chunk, mm_dtype, acc
-        ctx.x_dtype, ctx.w_dtype = x_global.dtype, weight.dtype
+        ctx.x_dtype = x_global.dtype
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
                               sum_exp, n_valid, logit_t)
         ctx.buffer = buffer  # not saved_for_backward: backward turns it into the gradient in place
