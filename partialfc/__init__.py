@@ -7,6 +7,8 @@ from .collectives import gather_embeddings
 from .init import init_weight_rows_
 from .optim import SparseSGD
 from .clip import clip_grad_norm_
+from .wrapping import head_parameters, head_state_names, ignore_heads_for_ddp
+from .state import consolidate_optimizer_state, consolidate_state_dict, load_head_shards, shard_optimizer_state
 
 __all__ = [
     "CombinedMargin",
@@ -20,5 +22,12 @@ __all__ = [
     "init_weight_rows_",
     "SparseSGD",
     "clip_grad_norm_",
+    "head_parameters",
+    "head_state_names",
+    "ignore_heads_for_ddp",
+    "consolidate_state_dict",
+    "consolidate_optimizer_state",
+    "shard_optimizer_state",
+    "load_head_shards",
 ]
 __version__ = "0.1.0"

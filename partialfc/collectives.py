@@ -55,6 +55,28 @@ def all_reduce_(x: torch.Tensor, op: str, group: ProcessGroup = None) -> torch.T
     return x
 
 
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """A small int naming a floating dtype, for exchanging it in an int64 record (-1: other)."""
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def dtype_from_code(code: int) -> torch.dtype:
+    return _DTYPES[code] if 0 <= code < len(_DTYPES) else torch.float32
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise inside a backward run with ``create_graph=True`` (grad mode is then on)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"PartialFC: {what} does not support double backward (autograd.grad(..., create_graph=True), e.g. a "
+            "gradient penalty through the head): its gradient would silently not depend on the inputs. Compute "
+            "the penalty on a path that does not go through the head, or take the first gradient without "
+            "create_graph.")
+
+
 def _labels_as(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int64 (B,) reinterpreted bit for bit as ``dtype``: (B, 8 // itemsize). No arithmetic."""
     per = 8 // torch.empty((), dtype=dtype).element_size()
@@ -73,7 +95,9 @@ class GatherEmbeddings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_local: torch.Tensor, labels_local: torch.Tensor, sizes: Sequence[int],
-                group: ProcessGroup, grad_scale: float):
+                group: ProcessGroup, grad_scale: float, anchor: Optional[torch.Tensor] = None):
+        # ``anchor``: an empty tensor that requires grad, passed by a rank whose embeddings do not
+        # (e.g. an empty batch): it puts this Function in the graph so the rank joins the backward.
         world, d = len(sizes), x_local.shape[1]
         b_max = max(sizes)
         ctx.sizes, ctx.group, ctx.grad_scale, ctx.rank = list(sizes), group, grad_scale, group_rank(group)
@@ -85,12 +109,15 @@ class GatherEmbeddings(torch.autograd.Function):
         if any(b != b_max for b in sizes):
             gathered = torch.cat([gathered[r * b_max: r * b_max + b] for r, b in enumerate(sizes)])
         x_global = gathered[:, :d].contiguous()
-        labels_global = gathered[:, d:].contiguous().view(torch.int64).view(-1)
+        # clone, not contiguous(): one row is already contiguous, at an offset of d elements that an
+        # int64 view cannot start at when d * itemsize is not a multiple of 8
+        labels_global = gathered[:, d:].clone().view(torch.int64).view(-1)
         ctx.mark_non_differentiable(labels_global)
         return x_global, labels_global
 
     @staticmethod
     def backward(ctx, grad_global: torch.Tensor, _grad_labels):
+        refuse_double_backward("the embedding all-gather")
         sizes, b_max = ctx.sizes, max(ctx.sizes)
         grad_global = grad_global.contiguous()
         if any(b != b_max for b in sizes):  # back to the padded, rank-major layout
@@ -105,12 +132,12 @@ class GatherEmbeddings(torch.autograd.Function):
         grad_local = grad_local[: sizes[ctx.rank]]
         if ctx.grad_scale != 1:
             grad_local = grad_local * ctx.grad_scale
-        return grad_local, None, None, None, None
+        return grad_local, None, None, None, None, None
 
 
 def gather_embeddings(x_local: torch.Tensor, labels_local: torch.Tensor, sizes: Sequence[int],
-                      group: ProcessGroup = None, grad_scale: float = 1.0):
+                      group: ProcessGroup = None, grad_scale: float = 1.0, anchor: Optional[torch.Tensor] = None):
     """``(x_global, labels_global)``; the identity on a single rank. See :class:`GatherEmbeddings`."""
     if not is_distributed(group):
         return x_local, labels_local
-    return GatherEmbeddings.apply(x_local, labels_local, tuple(sizes), group, grad_scale)
+    return GatherEmbeddings.apply(x_local, labels_local, tuple(sizes), group, grad_scale, anchor)

@@ -12,22 +12,36 @@ Data flow of one step on rank r (B_r local samples, B = sum of B_r over the grou
 """
 from __future__ import annotations
 
-import math
+import copy
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collectives import ProcessGroup, all_gather_rows, gather_embeddings, group_rank, group_size, is_distributed
+from . import state as _state
+from .collectives import (ProcessGroup, all_gather_rows, dtype_code, dtype_from_code, gather_embeddings,
+                          group_rank, group_size, is_distributed)
 from .init import DEFAULT_STD, init_weight_rows_
 from .margin import CombinedMargin
 from .partition import shard_bounds
 from .sampling import sample_classes, step_seed
 from .softmax import margin_softmax_cross_entropy
+from .wrapping import check_not_replicated_by_ddp
 
-# codes of the per-rank validation record [batch, code, a, b]
+# codes of the per-rank validation record [batch, code, a, b, embedding dtype, grad mode, needs grad]
 _OK, _EMB_NDIM, _EMB_WIDTH, _EMB_DTYPE, _LAB_NDIM, _LAB_DTYPE, _LENGTH, _LABEL_RANGE, _NONFINITE = range(9)
+_RECORD = 7
+
+
+class _DetachedGroup:
+    """Stands for an explicit process group that could not be pickled with the head."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def __repr__(self):
+        return f"<process group of ranks {self.ranks}, not restored>"
 
 
 class PartialFC(nn.Module):
@@ -59,7 +73,17 @@ class PartialFC(nn.Module):
     Gradient convention: ``weight.grad`` is the exact gradient of that loss w.r.t. this rank's
     shard. ``embeddings.grad`` is ``group size`` times the exact gradient w.r.t. the local
     embeddings, so that DDP's gradient *averaging* over the same ranks hands the backbone the
-    exact gradient. Do not wrap this module in DDP: its parameters are sharded, not replicated.
+    exact gradient.
+
+    Wrappers: a model containing heads can be wrapped whole in DDP (also through Lightning or
+    ``accelerator.prepare``): the heads' rows are kept out of DDP's broadcast and gradient averaging
+    automatically (see :mod:`partialfc.wrapping`). FSDP2 needs ``fully_shard(model,
+    ignored_params=partialfc.head_parameters(model))``; forgetting it is a clear error.
+    ``torch.compile`` runs the head eagerly (a graph break around it, no recompilation).
+
+    ``state_dict()`` says which rows it holds; loading rows of other classes is an error, while a
+    state dict holding all ``num_classes`` rows (see :func:`partialfc.consolidate_state_dict`)
+    loads on any number of ranks.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: Optional[CombinedMargin] = None,
@@ -89,6 +113,7 @@ class PartialFC(nn.Module):
         self.class_start, self.class_end = shard_bounds(num_classes, self.world_size, self.rank)
         self.num_local = self.class_end - self.class_start
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device, dtype=dtype))
+        self.weight._ddp_ignored = True  # DDP's own marker: no mixed-precision copy, no bucket
         self.init_std = init_std
         self.reset_parameters()
         self.step = 0  # forward calls so far; seeds the sampling, saved in state_dict
@@ -103,19 +128,66 @@ class PartialFC(nn.Module):
                 f"shard=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world_size}, "
                 f"margin={self.margin}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}")
 
+    # state: which rows, safe to copy and pickle, guarded against re-sharding wrappers -----------
     def get_extra_state(self):
-        return {"step": self.step}
+        return _state.layout(self)
 
     def set_extra_state(self, state) -> None:
         self.step = int(state["step"])
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}  # a new dict: the caller's is untouched
+        _state.select_rows(self, own, prefix)  # raises on rows of other classes
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def __setattr__(self, name, value):
+        if name == "weight" and _state.is_dtensor(value):
+            raise ValueError(
+                "PartialFC: the head's weight already holds only this rank's class rows; a wrapper tried to "
+                "re-shard it as a DTensor (FSDP2's fully_shard or tensor parallelism), which would mix "
+                "different ranks' classes. Leave the head's parameters out: "
+                "fully_shard(model, ignored_params=partialfc.head_parameters(model)), or shard only the backbone.")
+        super().__setattr__(name, value)
+
+    def __deepcopy__(self, memo):
+        if self.group is not None:
+            memo[id(self.group)] = self.group  # a copy shares the process group, it cannot own a new one
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.group is not None and not isinstance(self.group, _DetachedGroup):
+            ranks = tuple(torch.distributed.get_process_group_ranks(self.group))
+            whole = ranks == tuple(range(torch.distributed.get_world_size()))
+            state["group"] = None if whole else _DetachedGroup(ranks)  # the default group is found again
+        state.pop("_ddp_checked", None)
+        return state
+
     # ------------------------------------------------------------------------------------
+    @torch.compiler.disable
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings (B_local, d) float, labels (B_local,) integer global class ids -> loss ()."""
-        sizes = self._check_and_exchange(embeddings, labels)
+        """embeddings (B_local, d) float, labels (B_local,) integer global class ids -> loss ().
+
+        Runs eagerly under ``torch.compile`` (host-side batch sizes, a Python step counter and
+        collectives would otherwise recompile every step).
+        """
+        self._check_group()
+        check_not_replicated_by_ddp(self)
+        sizes, dtype, needs_grad = self._check_and_exchange(embeddings, labels)
+        if embeddings.dtype != dtype:  # only an empty rank may differ: it adopts the others' dtype
+            embeddings = embeddings.to(dtype)
         labels = labels.to(device=embeddings.device, dtype=torch.int64)
+        # a rank whose inputs need no gradient (e.g. an empty batch) still joins the backward collective
+        anchor = None
+        if needs_grad and not embeddings.requires_grad:
+            anchor = torch.empty(0, device=embeddings.device, requires_grad=True)
         x_global, labels_global = gather_embeddings(embeddings, labels, sizes, self.group,
-                                                    self.embedding_grad_scale)  # (B, d), (B,)
+                                                    self.embedding_grad_scale, anchor)  # (B, d), (B,)
         valid = labels_global != self.ignore_index
         local = labels_global - self.class_start
         target = torch.where(valid & (local >= 0) & (local < self.num_local), local, -1)  # (B,)
@@ -149,13 +221,28 @@ class PartialFC(nn.Module):
         return torch.promote_types(embeddings.dtype, self.weight.dtype)
 
     # ------------------------------------------------------------------------------------
-    def _check_and_exchange(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        """Every rank's batch size; with ``validate`` also raise the same error on every rank."""
+    def _check_group(self) -> None:
+        if isinstance(self.group, _DetachedGroup):
+            raise RuntimeError(
+                f"PartialFC: this head was pickled with an explicit process group of ranks {self.group.ranks}, "
+                "which cannot be restored by unpickling; set head.group to that group before use.")
+        world, rank = group_size(self.group), group_rank(self.group)
+        if (world, rank) != (self.world_size, self.rank):
+            raise RuntimeError(
+                f"PartialFC: this head holds the rows of rank {self.rank} of {self.world_size} (classes "
+                f"[{self.class_start}, {self.class_end})) but runs as rank {rank} of {world}; build a head for "
+                "this group and load the state with partialfc.load_head_shards (or a consolidated state dict).")
+
+    def _check_and_exchange(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """``(sizes, dtype, needs_grad)``: every rank's batch size, the embeddings' common dtype and
+        whether any rank will run backward; with ``validate`` also the same error on every rank."""
         distributed = is_distributed(self.group)
+        grad_mode = torch.is_grad_enabled()
         if not self.validate:
+            needs = grad_mode and (embeddings.requires_grad or self.weight.requires_grad)
             if not distributed or self.uniform_batch:
-                return [embeddings.shape[0]] * self.world_size
-            record = torch.tensor([[embeddings.shape[0], _OK, 0, 0]], dtype=torch.int64, device=embeddings.device)
+                return [embeddings.shape[0]] * self.world_size, embeddings.dtype, needs
+            record = self._exchange_fields(embeddings, _OK, 0, 0)
         else:
             record = self._local_record(embeddings, labels)
         records = all_gather_rows(record, self.group).tolist()  # the one host sync
@@ -164,7 +251,30 @@ class PartialFC(nn.Module):
         sizes = [r[0] for r in records]
         if self.uniform_batch and len(set(sizes)) > 1:
             raise ValueError(f"PartialFC(uniform_batch=True) got different batch sizes per rank: {sizes}")
-        return sizes
+        return sizes, self._agreed_dtype(records), any(r[6] for r in records)
+
+    def _exchange_fields(self, embeddings, code, a, b) -> torch.Tensor:
+        """The record one rank contributes, built without a host read."""
+        grad_mode = torch.is_grad_enabled()
+        fields = [embeddings.shape[0] if embeddings.dim() >= 1 else 0, code, a, b, dtype_code(embeddings.dtype),
+                  int(grad_mode), int(grad_mode and (embeddings.requires_grad or self.weight.requires_grad))]
+        return torch.tensor([fields], dtype=torch.int64, device=embeddings.device)
+
+    def _agreed_dtype(self, records) -> torch.dtype:
+        """The embeddings' dtype shared by the ranks that have rows; raise if they differ or disagree
+        on grad mode (a rank under no_grad could not join the backward collective)."""
+        busy = {r[4] for r in records if r[0] > 0} or {r[4] for r in records}
+        if len(busy) > 1:
+            per_rank = ", ".join(f"rank {i}: {dtype_from_code(r[4])}" for i, r in enumerate(records))
+            raise ValueError(f"PartialFC: bad input: embeddings have different dtypes on different ranks ({per_rank}); "
+                             "cast them to one dtype (or use the same autocast) on every rank")
+        modes = [r[5] for r in records]
+        if len(set(modes)) > 1:
+            off = [i for i, m in enumerate(modes) if not m]
+            raise ValueError(f"PartialFC: bad input: rank(s) {off} ran the head under torch.no_grad() while the "
+                             "others train; every rank must run the step with gradients and call backward "
+                             "(a rank with no data passes torch.empty(0, embedding_size))")
+        return dtype_from_code(busy.pop())
 
     def _local_record(self, embeddings, labels) -> torch.Tensor:
         device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
@@ -183,7 +293,8 @@ class PartialFC(nn.Module):
         elif labels.shape[0] != embeddings.shape[0]:
             code, a, b = _LENGTH, embeddings.shape[0], labels.shape[0]
         if code != _OK:
-            return torch.tensor([[batch, code, a, b]], dtype=torch.int64, device=device)
+            return torch.tensor([[batch, code, a, b, 0, int(torch.is_grad_enabled()), 0]], dtype=torch.int64,
+                                device=device)
         lab = labels.to(device=device, dtype=torch.int64)
         bad = (lab != self.ignore_index) & ((lab < 0) | (lab >= self.num_classes))
         n_bad = bad.sum()
@@ -192,11 +303,13 @@ class PartialFC(nn.Module):
         code_t = torch.where(n_bad > 0, _LABEL_RANGE, torch.where(n_nonfinite > 0, _NONFINITE, _OK))
         a_t = torch.where(n_bad > 0, n_bad, n_nonfinite)
         b_t = torch.where(n_bad > 0, first_bad, 0)
-        return torch.stack([torch.tensor(batch, device=device), code_t, a_t, b_t]).view(1, 4).to(torch.int64)
+        rest = self._exchange_fields(embeddings, _OK, 0, 0)[0, 4:]
+        head = torch.stack([torch.tensor(batch, device=device), code_t, a_t, b_t]).to(torch.int64)
+        return torch.cat([head, rest]).view(1, _RECORD)
 
     def _raise_on_bad_records(self, records: list[list[int]]) -> None:
         problems = []
-        for rank, (batch, code, a, b) in enumerate(records):
+        for rank, (batch, code, a, b, *_rest) in enumerate(records):
             where = f"rank {rank}: " if self.world_size > 1 else ""
             if code == _EMB_NDIM:
                 problems.append(f"{where}embeddings must be a 2-D tensor (batch, {self.embedding_size}), got {a}-D")

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .collectives import ProcessGroup, all_reduce_
+from .collectives import ProcessGroup, all_reduce_, refuse_double_backward
 from .margin import CombinedMargin
 
 _NORM_EPS = 1e-12
@@ -42,6 +42,19 @@ VECDOT_ROWS_DEFAULT = 65536
 
 def _accumulation_dtype(mm_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if mm_dtype == torch.float64 else torch.float32
+
+
+def safe_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / |x|, |x|)`` per row of ``x`` (B, d), exact for norms that over- or underflow when squared
+    (rows of 1e19 or 1e-25 in float32): each row is first divided by its largest magnitude. A zero row
+    gives a zero direction and the norm ``_NORM_EPS``."""
+    peak = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_zeros(x.shape[0], 1)  # (B, 1)
+    nonzero = peak > 0
+    peak = torch.where(nonzero, peak, 1.0)
+    scaled = x / peak
+    n = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # in [1, sqrt(d)] for non-zero rows
+    xhat = scaled / torch.where(nonzero, n, 1.0)
+    return xhat, torch.where(nonzero, n * peak, _NORM_EPS)
 
 
 def _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc):
@@ -115,9 +128,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             num_local = weight.shape[0]
             chunk = num_local if not chunk_size else min(chunk_size, num_local)
             s = float(margin.s)
-            x = x_global.to(acc)
-            x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(_NORM_EPS)  # (B, 1)
-            xhat = x / x_norm  # (B, d)
+            xhat, x_norm = safe_normalize(x_global.to(acc))  # (B, d), (B, 1)
             inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C,)
             owned = target >= 0
             t_row = target.clamp_min(0)
@@ -168,8 +179,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         return loss, out_stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
+        refuse_double_backward("the margin softmax loss")
         xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global, sum_exp, n_valid, logit_t = \
             ctx.saved_tensors
         s, chunk, mm_dtype, acc = ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc

@@ -1,0 +1,173 @@
+"""The head's state: which rows a state dict holds, loading it safely, and moving it between layouts.
+
+A head's ``state_dict()`` holds its weight rows and, in ``_extra_state``, the layout they belong to:
+``num_classes``, ``embedding_size``, ``rows_per_class``, ``class_start``/``class_end``, ``world_size``,
+``rank`` and the sampling ``step``. Loading checks that layout first, before anything is copied:
+
+- rows of exactly this rank's classes load as usual;
+- a *consolidated* state (all ``num_classes`` rows, written by :func:`consolidate_state_dict`) loads on
+  any number of ranks: each rank takes its own rows;
+- anything else (another class count, another rank's rows, e.g. a state saved from rank 0 only)
+  raises a ``ValueError`` naming both layouts and the way to re-shard (:func:`load_head_shards`).
+
+Frameworks that save from rank 0 only (Lightning's DDP strategy, ``accelerator.save_state``) keep
+every shard when the state is consolidated before saving: :func:`consolidate_state_dict` and
+:func:`consolidate_optimizer_state` on save, :func:`shard_optimizer_state` on load (see
+``examples/lightning_example.py``). They gather all rows to every rank's host memory (C x d): for
+heads of tens of millions of classes prefer per-rank shard files (``launch/checkpoint.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .collectives import all_gather_rows, group_size, is_distributed
+from .partition import shard_sizes
+
+FORMAT = 1
+_LAYOUT_KEYS = ("num_classes", "embedding_size", "class_start", "class_end")
+
+
+def is_dtensor(value) -> bool:
+    cls = type(value)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def layout(head) -> dict:
+    """The ``_extra_state`` of a head: the rows it holds and its sampling step."""
+    return {"format": FORMAT, "step": head.step, "num_classes": head.num_classes,
+            "embedding_size": head.embedding_size, "rows_per_class": 1,
+            "class_start": head.class_start, "class_end": head.class_end,
+            "world_size": head.world_size, "rank": head.rank}
+
+
+def _describe(meta: dict) -> str:
+    return (f"classes [{meta['class_start']}, {meta['class_end']}) of {meta['num_classes']} "
+            f"(rank {meta.get('rank', '?')} of {meta.get('world_size', '?')}, embedding size {meta['embedding_size']})")
+
+
+def select_rows(head, state: dict, prefix: str) -> None:
+    """Check the layout of ``state`` (the head's entries, a dict the caller does not own) against
+    ``head`` and leave in ``state[prefix + "weight"]`` exactly this rank's rows; raise otherwise."""
+    weight = state.get(prefix + "weight")
+    meta = state.get(prefix + "_extra_state")
+    if weight is None:
+        return  # reported as a missing key by the module's loader
+    if not isinstance(meta, dict) or not all(k in meta for k in _LAYOUT_KEYS):  # written before the layout was saved
+        if weight.shape[0] != head.num_local:
+            raise ValueError(f"PartialFC.load_state_dict: '{prefix}weight' has {weight.shape[0]} rows, this rank "
+                             f"holds {head.num_local} (classes [{head.class_start}, {head.class_end})); the state "
+                             "dict names no layout, so it cannot be re-sharded")
+        return
+    here = layout(head)
+    problem = None
+    if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size \
+            or meta.get("rows_per_class", 1) != 1:
+        problem = "it belongs to another head"
+    elif weight.shape[0] != meta["class_end"] - meta["class_start"]:
+        problem = f"its weight has {weight.shape[0]} rows, not the {meta['class_end'] - meta['class_start']} it names"
+    elif (meta["class_start"], meta["class_end"]) == (head.class_start, head.class_end):
+        return
+    elif (meta["class_start"], meta["class_end"]) == (0, head.num_classes):
+        state[prefix + "weight"] = weight[head.class_start: head.class_end]  # a consolidated state: take our rows
+        return
+    else:
+        problem = "it holds other classes' rows (a state saved from one rank only keeps only that rank's classes)"
+    raise ValueError(
+        f"PartialFC.load_state_dict: the state dict holds {_describe(meta)}; this head holds {_describe(here)}: "
+        f"{problem}. To move a head between layouts, load every rank's state with "
+        "partialfc.load_head_shards(head, [state_rank0, state_rank1, ...]), or save a consolidated state "
+        "(partialfc.consolidate_state_dict) that loads on any number of ranks.")
+
+
+def load_head_shards(head, shards: Iterable[dict], prefix: str = "") -> None:
+    """Re-shard: fill ``head`` from the state dicts of all ranks of another layout (same classes).
+
+    Each element is one rank's state dict (``prefix + "weight"`` and ``prefix + "_extra_state"``, as
+    written by ``state_dict()``; memory-mapped loads work, only overlapping rows are read). Every row
+    of this rank must be covered; the step counter is taken from the shards.
+    """
+    covered = torch.zeros(head.num_local, dtype=torch.bool)
+    step = None
+    with torch.no_grad():
+        for shard in shards:
+            meta, weight = shard[prefix + "_extra_state"], shard[prefix + "weight"]
+            if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size:
+                raise ValueError(f"load_head_shards: a shard holds {_describe(meta)}, the head has "
+                                 f"{head.num_classes} classes x {head.embedding_size}")
+            lo, hi = max(meta["class_start"], head.class_start), min(meta["class_end"], head.class_end)
+            step = meta["step"] if step is None else step
+            if lo < hi:
+                rows = weight[lo - meta["class_start"]: hi - meta["class_start"]]
+                head.weight[lo - head.class_start: hi - head.class_start].copy_(rows)
+                covered[lo - head.class_start: hi - head.class_start] = True
+    if not bool(covered.all()):
+        missing = int((~covered).sum())
+        raise ValueError(f"load_head_shards: {missing} of this rank's {head.num_local} rows "
+                         f"(classes [{head.class_start}, {head.class_end})) are in none of the shards given")
+    head.step = int(step)
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(state-dict prefix, head)`` for every head inside ``model``."""
+    from .head import PartialFC
+    return [(f"{name}." if name else "", m) for name, m in model.named_modules() if isinstance(m, PartialFC)]
+
+
+def gather_rows(head, rows: torch.Tensor) -> torch.Tensor:
+    """Collective over the head's group: this rank's ``rows`` (C_local, ...) -> all classes' (C, ...) on CPU."""
+    if not is_distributed(head.group):
+        return rows.detach().cpu()
+    sizes = shard_sizes(head.num_classes, group_size(head.group))
+    padded = rows.detach().new_zeros((max(sizes),) + tuple(rows.shape[1:]))
+    padded[: rows.shape[0]] = rows.detach()
+    gathered = all_gather_rows(padded, head.group).cpu()  # (W * max, ...)
+    return torch.cat([gathered[r * max(sizes): r * max(sizes) + n] for r, n in enumerate(sizes)])
+
+
+def consolidate_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict:
+    """Collective (every rank calls it): a new state dict of ``model`` in which every head holds all
+    ``num_classes`` rows. Loads on any number of ranks; safe to save from rank 0 only."""
+    out = dict(model.state_dict() if state_dict is None else state_dict)
+    for prefix, head in head_modules(model):
+        out[prefix + "weight"] = gather_rows(head, head.weight)
+        out[prefix + "_extra_state"] = {**layout(head), "class_start": 0, "class_end": head.num_classes,
+                                        "world_size": 1, "rank": 0}
+    return out
+
+
+def _head_param_indices(model: nn.Module, optimizer) -> list[tuple[int, nn.Module, torch.Tensor]]:
+    """``(index in the optimizer's state dict, head, parameter)`` for every head parameter it steps."""
+    heads = {id(p): (h, p) for _, h in head_modules(model) for p in h.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [(i, *heads[id(p)]) for i, p in enumerate(params) if id(p) in heads]
+
+
+def consolidate_optimizer_state(model: nn.Module, optimizer, state: Optional[dict] = None) -> dict:
+    """Collective: a copy of ``optimizer``'s state dict whose per-row tensors of head parameters
+    (momentum, Adam moments, SparseSGD row flags) hold all classes' rows."""
+    state = optimizer.state_dict() if state is None else state
+    out = {**state, "state": dict(state["state"])}
+    for index, head, _ in _head_param_indices(model, optimizer):
+        entry = state["state"].get(index, {})
+        out["state"][index] = {k: gather_rows(head, v) if _per_row(v, head.num_local) else v
+                               for k, v in entry.items()}
+    return out
+
+
+def shard_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
+    """The inverse on load: a copy of a consolidated optimizer state dict with this rank's rows only."""
+    out = {**state, "state": dict(state["state"])}
+    for index, head, _ in _head_param_indices(model, optimizer):
+        entry = state["state"].get(index)
+        if entry is None or head.num_classes == head.num_local:
+            continue
+        out["state"][index] = {k: v[head.class_start: head.class_end] if _per_row(v, head.num_classes) else v
+                               for k, v in entry.items()}
+    return out
+
+
+def _per_row(value: Any, rows: int) -> bool:
+    return torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows
