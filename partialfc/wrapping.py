@@ -12,10 +12,11 @@ DDP reads the fully qualified names to skip from the wrapped module's
 ``_ddp_params_and_buffers_to_ignore``. This module keeps that list right without a call from the
 user: a global module-registration hook (installed when ``partialfc`` is imported) runs whenever a
 module is assigned as a child of another. When the child is a head, or has heads below it, the
-parent records the heads' parameter and buffer names (prefixed by the child's name) and adds them to
-its own ignore list, keeping names the user put there. Models are built bottom-up (a child is
-constructed before it is assigned), so every ancestor of a head knows it, whichever module is
-finally wrapped — the model, Lightning's wrapper around it, or a module two levels up.
+parent's ignore list becomes a :class:`HeadStateNames`, which lists the names the user put there and
+then, each time DDP reads it, the parameter and buffer names of the heads below. Models are built
+bottom-up (a child is constructed before it is assigned), so every ancestor of a head carries it,
+whichever module is finally wrapped — the model, Lightning's wrapper around it, or a module two
+levels up — and a head replaced or removed later is never listed stale.
 
 Trees built top-down (an empty container attached first and the head put into it later) miss the
 update; for those, and for an ignore list a user overwrote, the head's first forward under DDP
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 from torch import nn
 
-_HEAD_NAMES = "_partialfc_head_state_names"  # names of head params/buffers below a module
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
 
 
@@ -35,16 +35,13 @@ def _is_head(module: nn.Module) -> bool:
     return isinstance(module, PartialFC)
 
 
-def _own_state_names(head: nn.Module) -> list[str]:
-    return [n for n, _ in head.named_parameters()] + [n for n, _ in head.named_buffers()]
-
-
 def head_state_names(model: nn.Module) -> list[str]:
     """Fully qualified names of every parameter and buffer of every head inside ``model``."""
     names = []
     for prefix, module in model.named_modules():
         if _is_head(module):
-            names += [f"{prefix}.{n}" if prefix else n for n in _own_state_names(module)]
+            own = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+            names += [f"{prefix}.{n}" if prefix else n for n in own]
     return names
 
 
@@ -53,13 +50,33 @@ def head_parameters(model: nn.Module) -> set[nn.Parameter]:
     return {p for m in model.modules() if _is_head(m) for p in m.parameters()}
 
 
-def _set_head_names(module: nn.Module, names: list[str]) -> None:
-    """Record ``names`` as the heads' state below ``module`` and merge them into its DDP ignore list."""
-    old_ours = set(module.__dict__.get(_HEAD_NAMES, ()))
-    user = [n for n in module.__dict__.get(_DDP_IGNORE, ()) if n not in old_ours]
-    module.__dict__[_HEAD_NAMES] = list(names)
-    if names or _DDP_IGNORE in module.__dict__:
-        module.__dict__[_DDP_IGNORE] = user + [n for n in names if n not in user]
+class HeadStateNames:
+    """A module's DDP ignore list that is always current: the names a user listed, then the heads'
+    parameter and buffer names found below the module *when DDP reads it* (a replaced or removed
+    head is never listed stale). Iterable like the list DDP expects."""
+
+    def __init__(self, owner: nn.Module, extra=()):
+        self.owner, self.extra = owner, list(extra)
+
+    def __iter__(self):
+        seen = set(self.extra)
+        yield from self.extra
+        yield from (n for n in head_state_names(self.owner) if n not in seen)
+
+    def __len__(self):
+        return len(list(iter(self)))
+
+    def __contains__(self, name):
+        return name in set(iter(self))
+
+    def __repr__(self):
+        return f"HeadStateNames({list(self)})"
+
+
+def _install(module: nn.Module) -> None:
+    current = module.__dict__.get(_DDP_IGNORE)
+    if not isinstance(current, HeadStateNames):
+        module.__dict__[_DDP_IGNORE] = HeadStateNames(module, current or ())
 
 
 def ignore_heads_for_ddp(model: nn.Module) -> nn.Module:
@@ -68,21 +85,14 @@ def ignore_heads_for_ddp(model: nn.Module) -> nn.Module:
     Needed only for a model whose heads were attached after their container joined the tree
     (the head's first forward under DDP says so); idempotent, keeps names already listed.
     """
-    _set_head_names(model, head_state_names(model))
+    _install(model)
     return model
 
 
 def _on_module_registration(parent: nn.Module, name: str, child):
-    """Global registration hook: keep ``parent``'s list of head state names in step with ``child``."""
-    if not isinstance(child, nn.Module):
-        return None
-    child_names = _own_state_names(child) if _is_head(child) else child.__dict__.get(_HEAD_NAMES)
-    current = parent.__dict__.get(_HEAD_NAMES)
-    if not child_names and not current:
-        return None  # the common case: no head anywhere near
-    prefix = name + "."
-    kept = [n for n in (current or ()) if not n.startswith(prefix)]  # the child replaces what was there
-    _set_head_names(parent, kept + [prefix + n for n in (child_names or ())])
+    """Global registration hook: a parent of a head, or of a module with heads below, gets the live list."""
+    if isinstance(child, nn.Module) and (_is_head(child) or isinstance(child.__dict__.get(_DDP_IGNORE), HeadStateNames)):
+        _install(parent)
     return None
 
 
