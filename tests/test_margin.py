@@ -78,3 +78,18 @@ def test_invalid_parameters(kwargs, word):
 def test_margin_is_immutable():
     with pytest.raises(Exception):
         CombinedMargin().s = 1.0
+
+
+@pytest.mark.parametrize("margin", [CombinedMargin.arcface(m=0.5), CombinedMargin.sphereface(m=1.7),
+                                    CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2)])
+def test_gradient_clamp_is_where_and_what_the_readme_says(margin):
+    """README: dpsi/dcos is exact unless sin(theta) < 1e-3, and there it is the exact value times
+    sin(theta) / 1e-3. Oracle: autograd through acos in float64."""
+    theta = torch.tensor([5e-4, 9e-4, 1.2e-3, 0.1, math.pi - 5e-4], dtype=torch.float64)
+    cos = torch.cos(theta).requires_grad_(True)
+    psi_ref = reference_psi(torch.acos(cos), margin.m1, margin.m2, margin.m3, margin.extension)
+    exact = torch.autograd.grad(psi_ref.sum(), cos)[0]
+    _, dpsi = margin.psi_and_grad(torch.cos(theta))
+    factor = torch.clamp(torch.sin(theta) / 1e-3, max=1.0)
+    torch.testing.assert_close(dpsi, exact * factor, rtol=1e-6, atol=0)
+    assert (factor[2:4] == 1).all()  # outside the clamp the gradient is exact
