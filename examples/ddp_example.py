@@ -5,7 +5,8 @@
 
 What to copy into your own trainer:
   1. the backbone is wrapped in DDP (replicated parameters, gradients averaged);
-  2. the head is NOT wrapped in DDP: each rank owns different rows of the class weights;
+  2. the head needs no DDP: each rank owns different rows of the class weights (a model that holds
+     the head may also be wrapped whole in DDP: partialfc keeps the head's rows out of it);
   3. labels are GLOBAL class ids; the head finds which rank holds which class;
   4. the loss is already the global-batch mean, identical on every rank: log it from any rank;
   5. clip with partialfc.clip_grad_norm_, which counts the sharded rows of every rank once.
@@ -34,7 +35,7 @@ def run(steps: int = 30, num_classes: int = 50, dim: int = 16, batch: int = 32, 
     if distributed:
         backbone = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None)
     head = PartialFC(embedding_size=32, num_classes=num_classes, margin=CombinedMargin.arcface(s=16.0, m=0.3),
-                     device=device)  # no DDP here
+                     device=device)  # no DDP needed here
     optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}],
                                 lr=0.1, momentum=0.9)
 
