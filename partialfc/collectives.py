@@ -111,7 +111,7 @@ class GatherEmbeddings(torch.autograd.Function):
         x_global = gathered[:, :d].contiguous()
         # clone, not contiguous(): one row is already contiguous, at an offset of d elements that an
         # int64 view cannot start at when d * itemsize is not a multiple of 8
-        labels_global = gathered[:, d:].clone().view(torch.int64).view(-1)
+        labels_global = gathered[:, d:].clone(memory_format=torch.contiguous_format).view(torch.int64).view(-1)
         ctx.mark_non_differentiable(labels_global)
         return x_global, labels_global
 

@@ -130,10 +130,10 @@ class PartialFC(nn.Module):
 
     # state: which rows, safe to copy and pickle, guarded against re-sharding wrappers -----------
     def get_extra_state(self):
-        return _state.layout(self)
+        return _state.layout_tensor(_state.layout(self))  # a tensor: safetensors can store it
 
     def set_extra_state(self, state) -> None:
-        self.step = int(state["step"])
+        self.step = _state.step_of(state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -1,8 +1,10 @@
 """The head's state: which rows a state dict holds, loading it safely, and moving it between layouts.
 
 A head's ``state_dict()`` holds its weight rows and, in ``_extra_state``, the layout they belong to:
-``num_classes``, ``embedding_size``, ``rows_per_class``, ``class_start``/``class_end``, ``world_size``,
-``rank`` and the sampling ``step``. Loading checks that layout first, before anything is copied:
+an int64 tensor of the fields ``LAYOUT_FIELDS`` (``format``, sampling ``step``, ``num_classes``,
+``embedding_size``, ``rows_per_class``, ``class_start``/``class_end``, ``world_size``, ``rank``) — a
+tensor, not a dict, so that safetensors (``accelerator.save_state``'s default) can store it;
+:func:`read_layout` turns it into a dict. Loading checks that layout first, before anything is copied:
 
 - rows of exactly this rank's classes load as usual;
 - a *consolidated* state (all ``num_classes`` rows, written by :func:`consolidate_state_dict`) loads on
@@ -27,6 +29,8 @@ from .collectives import all_gather_rows, group_size, is_distributed
 from .partition import shard_sizes
 
 FORMAT = 1
+LAYOUT_FIELDS = ("format", "step", "num_classes", "embedding_size", "rows_per_class", "class_start",
+                 "class_end", "world_size", "rank")
 _LAYOUT_KEYS = ("num_classes", "embedding_size", "class_start", "class_end")
 
 
@@ -36,11 +40,31 @@ def is_dtensor(value) -> bool:
 
 
 def layout(head) -> dict:
-    """The ``_extra_state`` of a head: the rows it holds and its sampling step."""
+    """The rows a head holds and its sampling step, as a dict of ``LAYOUT_FIELDS``."""
     return {"format": FORMAT, "step": head.step, "num_classes": head.num_classes,
             "embedding_size": head.embedding_size, "rows_per_class": 1,
             "class_start": head.class_start, "class_end": head.class_end,
             "world_size": head.world_size, "rank": head.rank}
+
+
+def layout_tensor(meta: dict) -> torch.Tensor:
+    """The ``_extra_state`` form of a layout: int64 (len(LAYOUT_FIELDS),) on the CPU."""
+    return torch.tensor([int(meta[k]) for k in LAYOUT_FIELDS], dtype=torch.int64)
+
+
+def read_layout(extra) -> Optional[dict]:
+    """A layout dict from an ``_extra_state`` (tensor, or a dict of older versions); ``None`` when it
+    names no rows (states written before the layout was saved hold only ``{"step": n}``)."""
+    if torch.is_tensor(extra) and extra.numel() == len(LAYOUT_FIELDS):
+        return dict(zip(LAYOUT_FIELDS, extra.tolist()))
+    if isinstance(extra, dict):
+        return dict(extra) if all(k in extra for k in _LAYOUT_KEYS) else None
+    return None
+
+
+def step_of(extra) -> int:
+    meta = read_layout(extra)
+    return int(meta["step"] if meta is not None else extra["step"])
 
 
 def _describe(meta: dict) -> str:
@@ -52,10 +76,10 @@ def select_rows(head, state: dict, prefix: str) -> None:
     """Check the layout of ``state`` (the head's entries, a dict the caller does not own) against
     ``head`` and leave in ``state[prefix + "weight"]`` exactly this rank's rows; raise otherwise."""
     weight = state.get(prefix + "weight")
-    meta = state.get(prefix + "_extra_state")
+    meta = read_layout(state.get(prefix + "_extra_state"))
     if weight is None:
         return  # reported as a missing key by the module's loader
-    if not isinstance(meta, dict) or not all(k in meta for k in _LAYOUT_KEYS):  # written before the layout was saved
+    if meta is None:  # written before the layout was saved
         if weight.shape[0] != head.num_local:
             raise ValueError(f"PartialFC.load_state_dict: '{prefix}weight' has {weight.shape[0]} rows, this rank "
                              f"holds {head.num_local} (classes [{head.class_start}, {head.class_end})); the state "
@@ -93,7 +117,9 @@ def load_head_shards(head, shards: Iterable[dict], prefix: str = "") -> None:
     step = None
     with torch.no_grad():
         for shard in shards:
-            meta, weight = shard[prefix + "_extra_state"], shard[prefix + "weight"]
+            meta, weight = read_layout(shard[prefix + "_extra_state"]), shard[prefix + "weight"]
+            if meta is None:
+                raise ValueError("load_head_shards: a shard's state names no layout (written by an older version)")
             if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size:
                 raise ValueError(f"load_head_shards: a shard holds {_describe(meta)}, the head has "
                                  f"{head.num_classes} classes x {head.embedding_size}")
@@ -133,15 +159,20 @@ def consolidate_state_dict(model: nn.Module, state_dict: Optional[dict] = None) 
     out = dict(model.state_dict() if state_dict is None else state_dict)
     for prefix, head in head_modules(model):
         out[prefix + "weight"] = gather_rows(head, head.weight)
-        out[prefix + "_extra_state"] = {**layout(head), "class_start": 0, "class_end": head.num_classes,
-                                        "world_size": 1, "rank": 0}
+        out[prefix + "_extra_state"] = layout_tensor({**layout(head), "class_start": 0,
+                                                      "class_end": head.num_classes, "world_size": 1, "rank": 0})
     return out
 
 
 def _head_param_indices(model: nn.Module, optimizer) -> list[tuple[int, nn.Module, torch.Tensor]]:
-    """``(index in the optimizer's state dict, head, parameter)`` for every head parameter it steps."""
+    """``(index in the optimizer's state dict, head, parameter)`` for every head parameter it steps.
+
+    ``optimizer``: the optimizer, or its parameters in order (e.g. before the optimizer exists)."""
     heads = {id(p): (h, p) for _, h in head_modules(model) for p in h.parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if hasattr(optimizer, "param_groups"):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    else:
+        params = [p for item in optimizer for p in (item["params"] if isinstance(item, dict) else [item])]
     return [(i, *heads[id(p)]) for i, p in enumerate(params) if id(p) in heads]
 
 
@@ -158,7 +189,9 @@ def consolidate_optimizer_state(model: nn.Module, optimizer, state: Optional[dic
 
 
 def shard_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
-    """The inverse on load: a copy of a consolidated optimizer state dict with this rank's rows only."""
+    """The inverse on load: a copy of a consolidated optimizer state dict with this rank's rows only.
+
+    ``optimizer`` may also be the list of parameters (or param-group dicts) in the optimizer's order."""
     out = {**state, "state": dict(state["state"])}
     for index, head, _ in _head_param_indices(model, optimizer):
         entry = state["state"].get(index)
