@@ -8,7 +8,8 @@ from .init import init_weight_rows_
 from .optim import SparseSGD
 from .clip import clip_grad_norm_
 from .wrapping import head_parameters, head_state_names, ignore_heads_for_ddp
-from .state import consolidate_optimizer_state, consolidate_state_dict, load_head_shards, shard_optimizer_state
+from .state import (OptimizerCheckpoint, consolidate_optimizer_state, consolidate_state_dict,
+                    keep_all_shards_in_accelerate, load_head_shards, shard_optimizer_state)
 
 __all__ = [
     "CombinedMargin",
@@ -29,5 +30,7 @@ __all__ = [
     "consolidate_optimizer_state",
     "shard_optimizer_state",
     "load_head_shards",
+    "OptimizerCheckpoint",
+    "keep_all_shards_in_accelerate",
 ]
 __version__ = "0.1.0"

@@ -204,3 +204,35 @@ def shard_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
 
 def _per_row(value: Any, rows: int) -> bool:
     return torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows
+
+
+class OptimizerCheckpoint:
+    """An optimizer's state with every head's rows, for checkpointing that saves from rank 0 only.
+
+    ``state_dict()`` is collective (every rank calls it; rank 0's copy holds all rows) and
+    ``load_state_dict`` loads this rank's rows into ``optimizer``. Register it with a framework's
+    custom-object checkpointing, e.g. ``accelerator.register_for_checkpointing`` (see
+    :func:`keep_all_shards_in_accelerate`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return consolidate_optimizer_state(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(shard_optimizer_state(self.model, self.optimizer, state))
+
+
+def keep_all_shards_in_accelerate(accelerator, model: nn.Module, optimizer) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` keep every rank's head rows and per-row
+    optimizer state. Accelerate writes model and optimizer from rank 0 only: a save-state pre-hook
+    consolidates the heads' rows in the saved weights, and an :class:`OptimizerCheckpoint` registered
+    for checkpointing (loaded after the optimizer) restores each rank's own optimizer rows."""
+    def consolidate_weights(models, weights, output_dir):
+        for i, m in enumerate(models):
+            weights[i] = consolidate_state_dict(m, weights[i])
+
+    accelerator.register_save_state_pre_hook(consolidate_weights)
+    accelerator.register_for_checkpointing(OptimizerCheckpoint(model, optimizer))

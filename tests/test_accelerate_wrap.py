@@ -6,10 +6,10 @@ Found and pinned here:
   rows) and 3 SGD steps give the plain loop's rows, gradients and momentum (head outside DDP).
 - ``save_state`` writes model and optimizer from rank 0 only: ``load_state`` of such a folder raises
   the library's ValueError on rank 1 (rank 0 loads) instead of giving rank 1 rank 0's rows.
-- A ``register_save_state_pre_hook`` that consolidates the weights keeps every rank's rows; the
-  optimizer file still holds rank 0's momentum only (there is no optimizer hook): registering a
-  small object (``register_for_checkpointing``) that saves the consolidated optimizer state and
-  loads this rank's rows (custom objects load after the optimizer) keeps the momentum too.
+- ``partialfc.keep_all_shards_in_accelerate``: a ``register_save_state_pre_hook`` that consolidates
+  the weights keeps every rank's rows; the optimizer file still holds rank 0's momentum only (there
+  is no optimizer hook), so an ``OptimizerCheckpoint`` registered for checkpointing (custom objects
+  load after the optimizer) restores each rank's momentum rows.
 - ``save_state()``'s default ``safe_serialization=True`` failed on the head's ``_extra_state`` while
   it was a dict, which safetensors cannot store; it is now an int64 tensor and saves by default.
 """
@@ -44,28 +44,6 @@ class Model(nn.Module):
 
     def forward(self, x, y):
         return self.loss.head(self.backbone(x), y)
-
-
-class HeadOptimizerState:
-    """Checkpoint the optimizer with every rank's head rows (for ``accelerator.register_for_checkpointing``)."""
-
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self):  # every rank calls it (collective), rank 0 writes it
-        from partialfc import consolidate_optimizer_state
-        return consolidate_optimizer_state(self.model, self.optimizer)
-
-    def load_state_dict(self, state):
-        from partialfc import shard_optimizer_state
-        self.optimizer.load_state_dict(shard_optimizer_state(self.model, self.optimizer, state))
-
-
-def _consolidate_weights(models, weights, output_dir):
-    """``register_save_state_pre_hook``: every head in the saved weights holds all classes' rows."""
-    from partialfc import consolidate_state_dict
-    for i, model in enumerate(models):
-        weights[i] = consolidate_state_dict(model, weights[i])
 
 
 def _batch(rank, step, num_classes):
@@ -143,8 +121,8 @@ def _accelerate(rank, world, num_classes, tmp):
     accelerator.wait_for_everyone()
 
     # with the consolidating hooks
-    accelerator.register_save_state_pre_hook(_consolidate_weights)
-    accelerator.register_for_checkpointing(HeadOptimizerState(wrapped, optimizer))
+    from partialfc import keep_all_shards_in_accelerate
+    keep_all_shards_in_accelerate(accelerator, wrapped, optimizer)
     full = os.path.join(tmp, "full")
     accelerator.save_state(full, safe_serialization=False)
     accelerator.wait_for_everyone()
@@ -206,7 +184,7 @@ def test_load_state_of_a_rank0_save_raises_on_rank1(accelerate_run):
 
 
 def test_save_state_with_consolidating_hooks_keeps_every_shard(accelerate_run):
-    """Pre-save hook (weights) + registered HeadOptimizerState (momentum): load_state restores every
+    """Pre-save hook (weights) + registered OptimizerCheckpoint (momentum), via keep_all_shards_in_accelerate: load_state restores every
     rank's rows and momentum bit for bit, and training continues exactly like the plain loop."""
     num_classes, tmp, results = accelerate_run
     for r in results:
