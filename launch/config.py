@@ -106,7 +106,10 @@ def _closest(word: str, choices: Sequence[str]) -> Optional[str]:
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    """Return `value` converted to annotation `tp`, or raise _Mismatch."""
+    """Return `value` converted to annotation `tp`, or raise _Mismatch.
+
+    Longer than a screen on purpose: one flat dispatch over the annotation kinds a config may use
+    (Union/Optional, Literal, bool, int, float, str, list/tuple), read top to bottom."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -288,8 +291,11 @@ class HeadConfig(_Section):
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.s > 0, "head", "s", "be > 0", self.s)
-        _check(self.m1 > 0, "head", "m1", "be > 0", self.m1)
+        from partialfc import CombinedMargin
+        try:  # the margin's own checks, in one place
+            CombinedMargin.from_config(self)
+        except ValueError as err:
+            raise ConfigError(f"head: {err}") from None
         _check(0.0 < self.sample_rate <= 1.0, "head", "sample_rate", "be in (0, 1]", self.sample_rate)
         self._at_least("chunk_size", 1, optional=True)
 

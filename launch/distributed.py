@@ -54,3 +54,21 @@ def barrier() -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _all_reduce_flag(flag: bool, device, op) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=op)
+    return bool(t.item())
+
+
+def all_ranks_agree(flag: bool, device="cpu") -> bool:
+    """True on every rank when ``flag`` is true on every rank (one tiny all-reduce MIN)."""
+    return _all_reduce_flag(flag, device, dist.ReduceOp.MIN)
+
+
+def any_rank(flag: bool, device="cpu") -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce MAX)."""
+    return _all_reduce_flag(flag, device, dist.ReduceOp.MAX)

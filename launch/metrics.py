@@ -105,6 +105,9 @@ def verification_metrics(
           curve.  NaN when there are fewer than ``1 / far`` negative pairs (that
           FAR cannot be resolved), with an explanation in ``notes``;
         * ``n_pairs``, ``n_pos``, ``n_neg``, ``n_folds``, ``notes`` (list of str).
+
+    Longer than a screen: the fold loop and the ROC read share the sorted scores; the docstring
+    above is most of it.
     """
     s, y = _as_pairs_arrays(scores, issame)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
@@ -184,6 +187,9 @@ def make_pairs(
 
     Raises:
         ValueError: if fewer distinct positive or negative pairs exist than asked.
+
+    Longer than a screen on purpose: the nested samplers share the set of drawn pairs and one RNG
+    stream, whose order fixes the pairs of every earlier run; split apart they would thread both through.
     """
     labels = np.asarray(labels).reshape(-1)
     groups = np.asarray(groups).reshape(-1)

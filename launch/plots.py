@@ -4,7 +4,7 @@
 * :func:`plot_theta_distributions` - histograms of the target angle theta_y.
 * :func:`plot_margin_curves` - target logit / s against theta for margin variants.
 * :func:`reference_margin_curves` - the usual softmax / ArcFace / CosFace /
-  SphereFace curves plus a configured combined margin, for the figure above.
+  SphereFace curves plus a configured margin, from ``partialfc.CombinedMargin``.
 """
 
 from __future__ import annotations
@@ -192,21 +192,16 @@ def plot_margin_curves(
     return _save(fig, path)
 
 
-def reference_margin_curves(
-    m1: float = 1.0, m2: float = 0.0, m3: float = 0.0
-) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Standard curves for :func:`plot_margin_curves`, plus the configured margin.
+def reference_margin_curves(configured=None, label: str = "configured") -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """``{name: f(theta)}`` for :func:`plot_margin_curves`: the target logit over ``s`` of the usual
+    margins (``CombinedMargin.references()``: softmax, ArcFace, CosFace, SphereFace at their presets)
+    and, if given, a ``configured`` :class:`partialfc.CombinedMargin` — one definition of each
+    margin, the same the head trains with (monotonic extension included)."""
+    import torch
+    from partialfc import CombinedMargin
 
-    Returns ``{name: f(theta)}`` for softmax ``cos(theta)``, ArcFace
-    ``cos(theta + 0.5)``, CosFace ``cos(theta) - 0.35``, SphereFace
-    ``cos(1.35 * theta)`` and the combined margin ``cos(m1 * theta + m2) - m3``
-    with the given values.  The raw formulas are drawn, without the
-    monotonic fixes implementations apply near theta = pi.
-    """
-    return {
-        "softmax": lambda t: np.cos(t),
-        "ArcFace (m=0.5)": lambda t: np.cos(t + 0.5),
-        "CosFace (m=0.35)": lambda t: np.cos(t) - 0.35,
-        "SphereFace (m=1.35)": lambda t: np.cos(1.35 * t),
-        f"configured (m1={m1:g}, m2={m2:g}, m3={m3:g})": lambda t: np.cos(m1 * t + m2) - m3,
-    }
+    margins = dict(CombinedMargin.references())
+    if configured is not None:
+        margins[label] = configured
+    return {name: (lambda mm: lambda t: mm.psi(torch.cos(torch.as_tensor(t, dtype=torch.float64))).numpy())(m)
+            for name, m in margins.items()}

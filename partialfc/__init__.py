@@ -1,6 +1,6 @@
 """partialfc: an exact, model-parallel combined-margin softmax head with Partial FC sampling."""
 from .margin import CombinedMargin
-from .head import PartialFC
+from .head import HeadStats, PartialFC
 from .partition import owner_of, shard_bounds, shard_sizes
 from .softmax import MarginSoftmaxCrossEntropy, margin_softmax_cross_entropy
 from .collectives import gather_embeddings
@@ -14,6 +14,7 @@ from .state import (OptimizerCheckpoint, consolidate_optimizer_state, consolidat
 __all__ = [
     "CombinedMargin",
     "PartialFC",
+    "HeadStats",
     "shard_bounds",
     "shard_sizes",
     "owner_of",

@@ -13,6 +13,7 @@ Data flow of one step on rank r (B_r local samples, B = sum of B_r over the grou
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,6 +33,33 @@ from .wrapping import check_not_replicated_by_ddp
 # codes of the per-rank validation record [batch, code, a, b, embedding dtype, grad mode, needs grad]
 _OK, _EMB_NDIM, _EMB_WIDTH, _EMB_DTYPE, _LAB_NDIM, _LAB_DTYPE, _LENGTH, _LABEL_RANGE, _NONFINITE = range(9)
 _RECORD = 7
+
+
+@dataclass(frozen=True)
+class HeadStats:
+    """Per-row statistics of one forward over the global batch (B_global,), identical on every rank.
+
+    ``max_logit``: the largest logit of the row over all classes; ``target_logit``: ``s * psi``;
+    ``target_cos``: cos theta_y; ``valid``: rows that count (label != ignore_index).
+    """
+
+    max_logit: torch.Tensor
+    target_logit: torch.Tensor
+    target_cos: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def global_batch(self) -> int:
+        return self.valid.numel()
+
+    def accuracy(self) -> torch.Tensor:
+        """Share of valid rows whose target logit is the largest (a device scalar, NaN if none)."""
+        correct = (self.target_logit >= self.max_logit)[self.valid]
+        return correct.float().mean() if correct.numel() else torch.tensor(float("nan"))
+
+    def target_angles(self) -> torch.Tensor:
+        """theta_y of the valid rows (radians)."""
+        return torch.acos(self.target_cos[self.valid].clamp(-1, 1))
 
 
 class _DetachedGroup:
@@ -118,7 +146,6 @@ class PartialFC(nn.Module):
         self.reset_parameters()
         self.step = 0  # forward calls so far; seeds the sampling, saved in state_dict
         self.sampled_index: Optional[torch.Tensor] = None
-        self.last_stats: Optional[dict] = None
 
     def reset_parameters(self) -> None:
         init_weight_rows_(self.weight, self.class_start, self.seed, self.init_std)
@@ -170,8 +197,9 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------------------------
     @torch.compiler.disable
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """embeddings (B_local, d) float, labels (B_local,) integer global class ids -> loss ().
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
+        """embeddings (B_local, d) float, labels (B_local,) integer global class ids -> loss (), or
+        ``(loss, HeadStats)`` with ``return_stats=True`` (per-row statistics of the global batch).
 
         Runs eagerly under ``torch.compile`` (host-side batch sizes, a Python step counter and
         collectives would otherwise recompile every step).
@@ -210,8 +238,8 @@ class PartialFC(nn.Module):
         loss, stats = margin_softmax_cross_entropy(x_global, weight, target, valid, self.margin, self.group,
                                                    self.chunk_size, self._mm_dtype(embeddings))
         self.step += 1
-        self.last_stats = {"max_logit": stats[0], "target_logit": stats[1], "target_cos": stats[2],
-                           "valid": valid}
+        if return_stats:
+            return loss, HeadStats(max_logit=stats[0], target_logit=stats[1], target_cos=stats[2], valid=valid)
         return loss
 
     def _mm_dtype(self, embeddings: torch.Tensor) -> torch.dtype:

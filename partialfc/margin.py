@@ -29,6 +29,7 @@ import torch
 Extension = Literal["monotonic", "linear", "none"]
 _EXTENSIONS = ("monotonic", "linear", "none")
 _SIN_MIN = 1e-3
+KINDS = ("arcface", "cosface", "sphereface", "combined", "softmax")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,32 @@ class CombinedMargin:
     def softmax(cls, s: float = 64.0) -> "CombinedMargin":
         """No margin: normalised softmax with scale ``s``."""
         return cls(s=s, m1=1.0, m2=0.0, m3=0.0)
+
+    @classmethod
+    def from_config(cls, config) -> "CombinedMargin":
+        """The one factory from a config (an object or a mapping) with ``margin`` (a kind in
+        ``KINDS``), ``s``, ``m1``, ``m2``, ``m3`` and optionally ``extension``, ``straight_through``.
+
+        A named kind uses only its own parameter (``arcface``: m2, ``cosface``: m3, ``sphereface``:
+        m1, ``softmax``: none); ``combined`` uses all three. Raises ``ValueError`` on bad values.
+        """
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        kind = get("margin", "combined")
+        extra = dict(extension=get("extension", "monotonic"), straight_through=get("straight_through", False))
+        s, m1, m2, m3 = get("s", 64.0), get("m1", 1.0), get("m2", 0.0), get("m3", 0.0)
+        params = {"softmax": (1.0, 0.0, 0.0), "arcface": (1.0, m2, 0.0), "cosface": (1.0, 0.0, m3),
+                  "sphereface": (m1, 0.0, 0.0), "combined": (m1, m2, m3)}
+        if kind not in params:
+            raise ValueError(f"margin must be one of {KINDS}, got {kind!r}")
+        m1, m2, m3 = params[kind]
+        return cls(s=s, m1=m1, m2=m2, m3=m3, **extra)
+
+    @classmethod
+    def references(cls) -> dict[str, "CombinedMargin"]:
+        """The usual margins at their presets' defaults, for figures: name -> margin."""
+        arc, cos, sphere = cls.arcface(), cls.cosface(), cls.sphereface()
+        return {"softmax": cls.softmax(), f"ArcFace m={arc.m2:g}": arc, f"CosFace m={cos.m3:g}": cos,
+                f"SphereFace m={sphere.m1:g}": sphere}
 
     # math ----------------------------------------------------------------------------------
     @property

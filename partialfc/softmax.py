@@ -26,7 +26,7 @@ log-sum-exp and gradients accumulate in float32 (float64 when ``mm_dtype`` is fl
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -76,13 +76,27 @@ def _put_target(z, target, c0, c1, new_value):
     z.scatter_(1, col, torch.where(in_block, new_value(old), old).unsqueeze(1))
 
 
-def _grad_block(g, xhat_mm, w_mm, weight, inv_norm, c0, c1, target, row_gain, dpsi, grad_xhat, grad_w):
+class _BackwardParts(NamedTuple):
+    """What every block of the backward reads (shapes: B rows, C_local classes, d features)."""
+    xhat_mm: torch.Tensor    # (B, d) normalised embeddings in the product dtype
+    w_mm: torch.Tensor       # (C_local, d) weights in the product dtype
+    weight: torch.Tensor     # (C_local, d) weights as stored
+    inv_norm: torch.Tensor   # (C_local,) 1 / |w_j|
+    target: torch.Tensor     # (B,) local target row or -1
+    row_gain: torch.Tensor   # (B,) s * dL/dloss / N on valid rows, else 0
+    dpsi: torch.Tensor       # (B,) d psi / d cos of each row's target
+    grad_xhat: torch.Tensor  # (B, d) accumulated
+    grad_w: torch.Tensor     # (C_local, d) written block by block
+
+
+def _grad_block(g, c0, c1, p: _BackwardParts):
     """Turn the block's probabilities-times-row-factor ``g`` (B, cb) into G' in place and
-    accumulate its contribution to ``grad_xhat`` (B, d) and ``grad_w[c0:c1]`` (cb, d).
+    accumulate its contribution to ``p.grad_xhat`` (B, d) and ``p.grad_w[c0:c1]`` (cb, d).
 
     ``grad_w`` has the weight's dtype; the radial projection runs in the accumulation dtype on
     row slices, so no full-size higher-precision copy of the weights or of their gradient exists.
     """
+    xhat_mm, w_mm, weight, inv_norm, target, row_gain, dpsi, grad_xhat, grad_w = p
     acc = g.dtype
     g.mul_(inv_norm[c0:c1])
     if g.shape[0]:
@@ -194,10 +208,10 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
             grad_xhat = torch.zeros_like(xhat)
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)  # weight's dtype
+            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target, row_gain, dpsi, grad_xhat, grad_w)
             if buffer is not None:  # materialized: buffer = exp(z - m_local) -> g0 p in place
                 buffer.mul_((row_gain * torch.exp(m_local - m_global) / sum_exp).unsqueeze(1))
-                _grad_block(buffer, xhat_mm, w_mm, weight, inv_norm, 0, num_local, target, row_gain, dpsi,
-                            grad_xhat, grad_w)
+                _grad_block(buffer, 0, num_local, parts)
             else:  # chunked: recompute each block of logits
                 s_inv = row_gain / sum_exp
                 col_scale = inv_norm * s
@@ -205,8 +219,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     c1 = min(c0 + chunk, num_local)
                     z = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc)
                     z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
-                    _grad_block(z, xhat_mm, w_mm, weight, inv_norm, c0, c1, target, row_gain, dpsi,
-                                grad_xhat, grad_w)
+                    _grad_block(z, c0, c1, parts)
                     del z
             # through x^ = x / |x|: (g - (g . x^) x^) / |x|
             radial = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(1)

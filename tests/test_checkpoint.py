@@ -113,3 +113,53 @@ def test_loading_never_runs_code(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|unsupported"):
         ckpt.load_checkpoint(path, **{k: v for k, v in _one_rank_objects().items()})
     assert not Path("EXPLOITED").exists()
+
+
+def _two_group_objects():
+    """A head optimizer that steps another parameter first: head.weight is its parameter 1."""
+    head, backbone, _, opt_b = _make("sgd")
+    shift = torch.nn.Parameter(torch.zeros(D))
+    opt_h = torch.optim.SGD([{"params": [shift]}, {"params": [head.weight], "lr": 0.05}], lr=0.1, momentum=0.9)
+    return shift, dict(backbone=backbone, head=head, backbone_optimizer=opt_b, head_optimizer=opt_h)
+
+
+def test_head_weight_found_by_identity_in_the_optimizer(tmp_path):
+    shift, objs = _two_group_objects()
+    for _ in range(2):
+        objs["head"](objs["backbone"](torch.randn(5, 3)) + shift, torch.randint(0, NUM_CLASSES, (5,))).backward()
+        objs["head_optimizer"].step()
+        objs["head_optimizer"].zero_grad()
+    path = ckpt.save_checkpoint(tmp_path, 2, trainer_state={"step": 2}, config={}, **objs)
+    shift2, fresh = _two_group_objects()
+    ckpt.load_checkpoint(path, **fresh)
+    saved, loaded = objs["head_optimizer"].state, fresh["head_optimizer"].state
+    assert torch.equal(loaded[fresh["head"].weight]["momentum_buffer"], saved[objs["head"].weight]["momentum_buffer"])
+    assert torch.equal(loaded[shift2]["momentum_buffer"], saved[shift]["momentum_buffer"])
+    reordered = _one_rank_objects()  # head.weight is parameter 0 there: refused, not silently misloaded
+    with pytest.raises(ValueError, match="parameter 0 of the head optimizer but was parameter 1"):
+        ckpt.load_checkpoint(path, **reordered)
+
+
+class _SGDWithStats(torch.optim.SGD):
+    """SGD that also keeps a per-tensor statistic whose first dimension happens to equal the rows."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["stats"] = torch.arange(3.0 * p.shape[0]).view(p.shape[0], 3)
+        return out
+
+
+def test_per_row_state_is_weight_shaped_or_a_row_vector(tmp_path):
+    """Re-sharding splits the (rows, d) momentum but keeps a (rows, 3) per-tensor statistic whole."""
+    head, backbone, _, opt_b = _make("sgd")
+    opt_h = _SGDWithStats(head.parameters(), lr=0.1, momentum=0.9)
+    head(backbone(torch.randn(5, 3)), torch.randint(0, NUM_CLASSES, (5,))).backward()
+    opt_h.step()
+    path = ckpt.save_checkpoint(tmp_path, 1, backbone=backbone, head=head, backbone_optimizer=opt_b,
+                                head_optimizer=opt_h, trainer_state={"step": 1}, config={})
+    weight, state, _ = ckpt._reshard_rows(path, ckpt.read_meta(path), 5, 15, head.weight)  # a new rank's rows
+    assert torch.equal(weight, head.weight.detach()[5:15])
+    assert torch.equal(state["momentum_buffer"], opt_h.state[head.weight]["momentum_buffer"][5:15])
+    assert torch.equal(state["stats"], opt_h.state[head.weight]["stats"])

@@ -55,10 +55,51 @@ def test_other_kinds(tmp_path):
         D.build_dataset("webdataset", tmp_path)
 
 
-def test_sampler_with_dataloader(tmp_path):
-    ds = torch.utils.data.TensorDataset(torch.arange(11))
+@pytest.mark.parametrize("n,used", [(12, 12), (11, 6)])
+def test_sampler_with_dataloader(n, used):
+    """11 = one global step of 3 x 2 + 5 left, which would leave rank 2 a batch of one: dropped."""
+    ds = torch.utils.data.TensorDataset(torch.arange(n))
     seen = []
     for rank in range(3):
         s = D.ShardedSampler(len(ds), 3, rank, batch_size=2, seed=1)
         seen += [int(v) for (b,) in DataLoader(ds, batch_size=2, sampler=s) for v in b]
-    assert sorted(seen) == list(range(11))
+    assert sorted(seen) == sorted(s.epoch_order()[:used].tolist())
+
+
+def write_jis1_cache(cache_dir: Path, size: int = 8) -> None:
+    """A stand-in for the rendered kanji cache: 30 characters x up to 6 designs, random pixels."""
+    rng = np.random.default_rng(0)
+    rows = [(c, d) for c in range(30) for d in range(6) if (c + d) % 7]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(cache_dir / f"glyphs_jis1_{size}.npz",  # the cache file name of charset jis1
+             images=rng.integers(0, 256, (len(rows), size, size), dtype=np.uint8),
+             labels=np.array([r[0] for r in rows]), design=np.array([r[1] for r in rows]),
+             chars=np.array([chr(0x4E00 + i) for i in range(30)]), faces=np.array([f"f{i}" for i in range(6)]))
+
+
+def test_run_data_glyphs_one_load_both_splits(tmp_path, monkeypatch):
+    from launch.config import load_config
+
+    write_jis1_cache(tmp_path)
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    cfg = load_config(None, ["--data.dataset", "glyphs", "--data.cache_dir", str(tmp_path), "--data.image_size", "8",
+                             "--data.heldout_classes", "7", "--data.hflip", "true"])
+    data = D.build_run_data(cfg.data, seed=1)
+    assert len(loads) == 1  # the cache is read once for both splits
+    assert data.num_classes == 23 and data.train.num_classes == 23
+    assert isinstance(data.train.transform, D.RandomAffine) and data.train.transform.hflip_p == 0.5
+    train_gs, held_gs = D.split_glyphs(D.load_glyphs(loads[0], min_designs=4), 7, seed=1)
+    assert data.train.glyphs.chars == train_gs.chars
+    held = data.heldout  # the held-out identities as GlyphDataset items, untransformed
+    expected = D.GlyphDataset(held_gs)
+    assert torch.equal(held.images, torch.stack([expected[i][0] for i in range(len(expected))]))
+    assert held.labels.tolist() == held_gs.labels.tolist() and len(set(held.labels.tolist())) == 7
+    assert held.groups.tolist() == held_gs.designs.tolist()
+
+
+def test_old_data_imports_still_work():
+    import launch.datasets as old
+
+    assert old.build_run_data is D.build_run_data and old.RunData is D.RunData and old.HeldOut is D.HeldOut

@@ -5,13 +5,19 @@ the real kanji cache is only checked when it already exists on this machine.
 """
 
 import json
+import logging
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from launch.data import glyph_fonts as F
+from launch.data import glyph_prepare as P
+from launch.data import glyph_render as R
 from launch.data import glyphs as G
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -28,7 +34,7 @@ def font(name: str) -> Path:
 
 # ----------------------------------------------------------------- charsets
 def test_jis_level1_kanji_count_and_bounds():
-    chars = G.jis_kanji("jis1")
+    chars = P.jis_kanji("jis1")
     assert len(chars) == 2965
     assert len(set(chars)) == 2965
     assert all(0x4E00 <= ord(c) <= 0x9FFF for c in chars)  # CJK Unified Ideographs
@@ -37,14 +43,14 @@ def test_jis_level1_kanji_count_and_bounds():
 
 
 def test_jis_all_kanji_count_and_superset():
-    level1 = G.jis_kanji("jis1")
-    allk = G.jis_kanji("jis")
+    level1 = P.jis_kanji("jis1")
+    allk = P.jis_kanji("jis")
     assert len(allk) == 6355
     assert allk[:2965] == level1
     assert allk[2965] == "\u5f0c"  # row 48 cell 1, first level-2 kanji
     assert allk[-1] == "\u7199"  # row 84 cell 6
     with pytest.raises(ValueError):
-        G.jis_kanji("big5")
+        P.jis_kanji("big5")
 
 
 # ----------------------------------------------------------------- rendering
@@ -57,8 +63,8 @@ def ink_bbox(img: np.ndarray, thr: int = 40):
 @pytest.mark.parametrize("ch", ["O", "l", "-"])
 def test_render_glyph_is_scaled_to_fit_and_centred(ch):
     size, margin = 24, 1
-    f = G.load_face(G.FaceRef(str(font("DejaVuSans.ttf"))), size)
-    img = G.render_glyph(f, ch, size, margin=margin)
+    f = R.load_face(F.FaceRef(str(font("DejaVuSans.ttf"))), size)
+    img = R.render_glyph(f, ch, size, margin=margin)
     assert img.dtype == np.uint8 and img.shape == (size, size)
     r0, r1, c0, c1 = ink_bbox(img, thr=0)
     h, w = r1 - r0 + 1, c1 - c0 + 1
@@ -69,23 +75,23 @@ def test_render_glyph_is_scaled_to_fit_and_centred(ch):
 
 
 def test_render_glyph_blank_is_none():
-    f = G.load_face(G.FaceRef(str(font("DejaVuSans.ttf"))), 16)
-    assert G.render_glyph(f, " ", 16) is None
+    f = R.load_face(F.FaceRef(str(font("DejaVuSans.ttf"))), 16)
+    assert R.render_glyph(f, " ", 16) is None
 
 
 def test_render_face_drops_glyphs_the_face_lacks():
-    face = G.FaceRef(str(font("DejaVuSans.ttf")))
-    cps = G.face_codepoints(face)
+    face = F.FaceRef(str(font("DejaVuSans.ttf")))
+    cps = F.face_codepoints(face)
     assert ord("A") in cps and ord("\u4e9c") not in cps
-    idx, imgs = G.render_face(face, ["A", "\u4e9c", "B", "\ue000", " "], 16)
+    idx, imgs = R.render_face(face, ["A", "\u4e9c", "B", "\ue000", " "], 16)
     assert idx.tolist() == [0, 2]  # kanji, private-use and blank dropped
     assert imgs.shape == (2, 16, 16) and imgs.dtype == np.uint8
     assert not np.array_equal(imgs[0], imgs[1])
     # the cmap decides: a character it does not map is dropped even if renderable ...
-    idx, _ = G.render_face(face, ["A", "B"], 16, codepoints={ord("A")})
+    idx, _ = R.render_face(face, ["A", "B"], 16, codepoints={ord("A")})
     assert idx.tolist() == [0]
     # ... and a mapped character that renders as the .notdef box is dropped too
-    idx, _ = G.render_face(face, ["\u4e9c", "B"], 16, codepoints={ord("\u4e9c"), ord("B")})
+    idx, _ = R.render_face(face, ["\u4e9c", "B"], 16, codepoints={ord("\u4e9c"), ord("B")})
     assert idx.tolist() == [1]
 
 
@@ -97,11 +103,11 @@ def test_ttc_collection_faces_are_listed_and_rendered(tmp_path):
     coll.fonts = [TTFont(str(a)), TTFont(str(b))]
     ttc = tmp_path / "pair.ttc"
     coll.save(str(ttc))
-    faces = G.list_faces([ttc, a])
+    faces = F.list_faces([ttc, a])
     assert [(Path(f.path).name, f.index) for f in faces] == [
         ("pair.ttc", 0), ("pair.ttc", 1), ("DejaVuSans.ttf", 0)]
-    _, from_ttc = G.render_face(faces[1], ["R", "g"], 20)
-    _, direct = G.render_face(G.FaceRef(str(b)), ["R", "g"], 20)
+    _, from_ttc = R.render_face(faces[1], ["R", "g"], 20)
+    _, direct = R.render_face(F.FaceRef(str(b)), ["R", "g"], 20)
     np.testing.assert_array_equal(from_ttc, direct)  # index 1 is the serif face
 
 
@@ -124,12 +130,12 @@ def test_dedupe_faces_on_known_differences():
     few[:3] = True  # identical to base, but only 3 common characters
     samples = [base, near, far, other, base.copy()]
     masks = [full, full, full, full, few]
-    keep, assign = G.dedupe_faces(samples, masks, threshold=0.03, min_common=8,
+    keep, assign = R.dedupe_faces(samples, masks, threshold=0.03, min_common=8,
                                   order=[0, 1, 2, 3, 4])
     assert keep == [0, 2, 3, 4]
     assert assign == [0, 0, 1, 2, 3]
     # the default order prefers the face with more characters as representative
-    keep2, assign2 = G.dedupe_faces([base, near], [np.arange(k) < 10, full])
+    keep2, assign2 = R.dedupe_faces([base, near], [np.arange(k) < 10, full])
     assert keep2 == [1] and assign2 == [0, 0]
 
 
@@ -146,7 +152,7 @@ def tiny_fonts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_fonts, tmp_path_factory):
     cache = tmp_path_factory.mktemp("glyph_cache")
-    path = G.prepare_glyphs(cache, LATIN + ["\u4e9c"], 16, font_files=tiny_fonts,
+    path = P.prepare_glyphs(cache, LATIN + ["\u4e9c"], 16, font_files=tiny_fonts,
                             workers=1, progress=False)
     return path
 
@@ -178,18 +184,64 @@ def test_prepare_reuses_cache(tiny_cache, tiny_fonts, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should not render again")
 
-    monkeypatch.setattr(G, "_run_tasks", boom)
+    monkeypatch.setattr(P, "_run_tasks", boom)
     mtime = tiny_cache.stat().st_mtime_ns
-    again = G.prepare_glyphs(tiny_cache.parent, LATIN + ["\u4e9c"], 16, font_files=tiny_fonts)
+    again = P.prepare_glyphs(tiny_cache.parent, LATIN + ["\u4e9c"], 16, font_files=tiny_fonts)
     assert again == tiny_cache and tiny_cache.stat().st_mtime_ns == mtime
 
 
 def test_prepare_parallel_matches_serial(tiny_cache, tiny_fonts, tmp_path):
-    par = G.prepare_glyphs(tmp_path, LATIN + ["\u4e9c"], 16, font_files=tiny_fonts,
+    par = P.prepare_glyphs(tmp_path, LATIN + ["\u4e9c"], 16, font_files=tiny_fonts,
                            workers=2, progress=False)
     with np.load(par) as a, np.load(tiny_cache) as b:
         for key in ("images", "labels", "design", "chars", "faces"):
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def build_deb(repo: Path, pkg: str, fonts) -> Path:
+    """A real .deb (dpkg-deb, no root) holding ``fonts`` under /usr/share/fonts."""
+    root = repo / "src" / pkg
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {pkg}\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\n"
+        "Description: test fonts\n")
+    dest = root / "usr" / "share" / "fonts" / "truetype" / pkg
+    dest.mkdir(parents=True)
+    for f in fonts:
+        shutil.copy(f, dest)
+    deb = repo / f"{pkg}_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
+                   check=True, capture_output=True)
+    return deb
+
+
+def test_font_download_reports_progress(tmp_path, monkeypatch, capfd, caplog):
+    """The first run's download (~30 s for the real packages) shows progress on stderr
+    and logs one line per package with its size; here from a local fake ``apt-get``."""
+    if shutil.which("dpkg-deb") is None or shutil.which("dpkg") is None:
+        pytest.skip("dpkg-deb / dpkg not available")
+    repo, bindir = tmp_path / "repo", tmp_path / "bin"
+    repo.mkdir()
+    bindir.mkdir()
+    build_deb(repo, "fonts-test-sans", [font("DejaVuSans.ttf")])
+    build_deb(repo, "fonts-test-serif", [font("DejaVuSerif.ttf")])
+    fake = bindir / "apt-get"  # apt-get download PKG -> copy PKG_*.deb from the local repo
+    fake.write_text('#!/bin/sh\n[ "$1" = download ] || exit 1\n'
+                    'cp "$FAKE_APT_REPO/$2"_*.deb . 2>/dev/null || '
+                    '{ echo "E: Unable to locate package $2" >&2; exit 100; }\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_APT_REPO", str(repo))
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    caplog.set_level(logging.INFO)
+    path = P.prepare_glyphs(tmp_path / "cache", LATIN[:12], 16, workers=1, progress=True,
+                            packages=("fonts-test-sans", "fonts-missing", "fonts-test-serif"))
+    err = capfd.readouterr().err
+    assert "download fonts" in err and "3/3" in err and "fonts-test-serif" in err and " MB" in err
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("font package")]
+    assert len(logged) == 3 and logged[0].startswith("font package 1/3 fonts-test-sans: 0.")
+    assert "MB" in logged[0] and "Unable to locate package fonts-missing" in logged[1]
+    with np.load(path) as z:
+        assert len(z["faces"]) == 2 and list(z["chars"]) == LATIN[:12]
 
 
 def write_synthetic_cache(path: Path):
@@ -261,13 +313,13 @@ def test_glyph_dataset_items(tmp_path):
 
 
 # ----------------------------------------------------------------- the real cache
-REAL = G.default_cache_dir() / "glyphs_jis1_32.npz"
+REAL = P.default_cache_dir() / "glyphs_jis1_32.npz"
 
 
 @pytest.mark.skipif(not REAL.exists(), reason="real glyph cache not prepared on this machine")
 def test_real_glyph_cache():
     gs = G.load_glyphs(REAL, min_designs=4)
-    level1 = G.jis_kanji("jis1")
+    level1 = P.jis_kanji("jis1")
     assert gs.images.dtype == np.uint8 and gs.images.shape[1:] == (32, 32)
     assert 2800 <= gs.num_classes <= 2965 and set(gs.chars) <= set(level1)
     assert len(gs.faces) >= 20

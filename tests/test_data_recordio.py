@@ -2,6 +2,7 @@
 
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,36 @@ def test_identity_records(tmp_path):
     assert ranges == [[1.0, 3.0], [3.0, 4.0], [4.0, 6.0]]  # class 0: keys 1-2, 1: 3, 2: 4-5
     with pytest.raises(KeyError):
         r.read(9)
+
+
+def rewrite_header_last(prefix):
+    """Rewrite ``<prefix>.rec/.idx`` in insightface face2rec2's record order: image records,
+    identity records, and the header record (key 0) last, so train.idx does not start with 0."""
+    rec, idx = Path(f"{prefix}.rec"), Path(f"{prefix}.idx")
+    keys, offsets = read_index(idx)
+    with open(rec, "rb") as f:
+        records = [(int(k), read_record(f, int(o))) for k, o in zip(keys, offsets)]
+    assert records[0][0] == 0
+    with open(rec, "wb") as f, open(idx, "w") as fi:
+        for key, payload in records[1:] + records[:1]:
+            fi.write(f"{key}\t{f.tell()}\n")
+            f.write(encode_record(payload))
+    return rec, idx
+
+
+@pytest.mark.parametrize("label_arrays", [False, True])
+def test_header_record_written_last_face2rec2_order(tmp_path, label_arrays):
+    imgs, labels = images(5, seed=4), [2, 0, 2, 1, 0]
+    write_recordio(tmp_path / "train", imgs, labels, label_arrays=label_arrays)
+    _, idx = rewrite_header_last(tmp_path / "train")
+    lines = idx.read_text().splitlines()
+    assert lines[0].startswith("1\t") and lines[-1].startswith("0\t")
+    ds = RecordIODataset(tmp_path)
+    assert ds.header0 == (6, 9) and len(ds) == 5 and ds.num_classes == 3
+    assert ds.labels.tolist() == [0, 0, 1, 2, 2]
+    for i, j in enumerate([1, 4, 3, 0, 2]):  # stable sort of the inputs by label
+        x, y = ds[i]
+        assert torch.equal(x, to_float(imgs[j])) and y.item() == labels[j]
 
 
 def test_label_arrays_flag_gt_zero(tmp_path):

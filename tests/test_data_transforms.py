@@ -109,3 +109,9 @@ def test_build_transform_kinds():
         build_transform("audio")
     comp = Compose([RandomHorizontalFlip(1.0), RandomHorizontalFlip(1.0)])
     assert torch.equal(comp(x), x)
+
+
+def test_build_transform_takes_the_flip_probability():
+    assert build_transform("glyph").hflip_p == 0.0 and build_transform("glyph", hflip_p=0.5).hflip_p == 0.5
+    assert build_transform("face").p == 0.5 and build_transform("face", hflip_p=0.0).p == 0.0
+    assert build_transform("glyph", train=False, hflip_p=0.5) is None

@@ -58,17 +58,22 @@ def test_plot_theta_distributions(tmp_path) -> None:
 
 
 def test_plot_margin_curves(tmp_path) -> None:
-    margins = reference_margin_curves(m1=1.0, m2=0.3, m3=0.2)
+    from partialfc import CombinedMargin
+    margins = reference_margin_curves(CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2))
     assert_real_png(plot_margin_curves(margins, tmp_path / "margins.png"))
 
 
 def test_reference_margin_formulas() -> None:
-    m = reference_margin_curves(m1=1.2, m2=0.3, m3=0.1)
+    """One definition of each margin (CombinedMargin): the curves follow the papers' formulas,
+    written out here independently."""
+    from partialfc import CombinedMargin
+    m = reference_margin_curves(CombinedMargin(s=64.0, m1=1.2, m2=0.3, m3=0.1))
     t = np.array([0.0, math.pi / 3, math.pi / 2])
     curves = dict(zip(["softmax", "arc", "cos", "sphere", "configured"], m.values()))
     assert curves["softmax"](t) == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
-    arc = [math.cos(0.5), math.cos(math.pi / 3 + 0.5), -math.sin(0.5)]
-    assert curves["arc"](t) == pytest.approx(arc)
-    assert curves["cos"](t) == pytest.approx([0.65, 0.15, -0.35], abs=1e-12)
-    assert curves["sphere"](t)[0] == pytest.approx(1.0)
+    assert curves["arc"](t) == pytest.approx([math.cos(0.5), math.cos(math.pi / 3 + 0.5), -math.sin(0.5)])
+    assert curves["cos"](t) == pytest.approx([0.6, 0.1, -0.4], abs=1e-12)
+    assert curves["sphere"](t)[:2] == pytest.approx([1.0, math.cos(1.7 * math.pi / 3)])
+    # past 1.7 theta = pi SphereFace continues monotonically: -cos(1.7 theta) - 2
+    assert curves["sphere"](np.array([2.0]))[0] == pytest.approx(-math.cos(1.7 * 2.0) - 2.0)
     assert curves["configured"](t)[2] == pytest.approx(math.cos(1.2 * math.pi / 2 + 0.3) - 0.1)

@@ -3,11 +3,15 @@
 Data sets (all return ``(image float32 (C, H, W) in [-1, 1], int64 label)``):
 
 * :class:`GlyphDataset` - printed kanji rendered from Debian's free CJK fonts
-  (the default, offline data set; :func:`prepare_glyphs` builds its cache).
+  (the default, offline data set; :func:`prepare_glyphs` builds its cache:
+  fonts in :mod:`.glyph_fonts`, rendering in :mod:`.glyph_render`, the cache
+  in :mod:`.glyph_prepare`; the Dataset in :mod:`.glyphs`).
 * :class:`RecordIODataset` - insightface ``train.rec``/``train.idx`` sets, no MXNet.
 * :class:`ImageFolderDataset` - ``root/<identity>/<image>`` folders.
 * :class:`BinPairsDataset` - insightface ``.bin`` verification pairs.
 
+:func:`build_run_data` (:mod:`.run_data`) gives a training run its data: the
+training set and the held-out identities, from one load, whatever the source.
 Plus torch-only augmentation (:mod:`.transforms`) and a resumable,
 non-padding distributed sampler (:class:`ShardedSampler`).
 """
@@ -19,26 +23,29 @@ from typing import Any, Callable, Optional, Union
 
 from torch.utils.data import Dataset
 
-from .bin_pairs import (BinPairsDataset, RestrictedUnpickler, UnsafePickleError, load_bin,
-                        restricted_loads, write_bin)
+from .bin_pairs import (BinFileError, BinPairsDataset, RestrictedUnpickler, UnsafePickleError,
+                        load_bin, restricted_loads, write_bin)
 from .folder import ImageFolderDataset, scan_image_folder
-from .glyphs import (CHARSETS, FONT_PACKAGES, GlyphDataset, GlyphSet, build_glyph_datasets,
-                     default_cache_dir, jis_kanji, load_glyphs, prepare_glyphs, split_classes,
+from .glyph_fonts import FONT_PACKAGES, download_font_packages
+from .glyph_prepare import CHARSETS, default_cache_dir, jis_kanji, prepare_glyphs
+from .glyphs import (GlyphDataset, GlyphSet, build_glyph_datasets, load_glyphs, split_classes,
                      split_glyphs)
 from .recordio import (IRHeader, RecordIODataset, RecordIOError, RecordIOReader, read_index,
                        write_recordio)
+from .run_data import HeldOut, RunData, build_run_data, synthetic_glyphs
 from .sampler import ShardedSampler
 from .transforms import (Compose, RandomAffine, RandomHorizontalFlip, affine, build_transform,
                          to_float)
 
 __all__ = [
-    "BinPairsDataset", "CHARSETS", "Compose", "FONT_PACKAGES", "GlyphDataset", "GlyphSet",
-    "IRHeader", "ImageFolderDataset", "RandomAffine", "RandomHorizontalFlip", "RecordIODataset",
-    "RecordIOError", "RecordIOReader", "RestrictedUnpickler", "ShardedSampler",
-    "UnsafePickleError", "affine", "build_dataset", "build_glyph_datasets", "build_transform",
-    "default_cache_dir", "jis_kanji", "load_bin", "load_glyphs", "prepare_glyphs", "read_index",
-    "restricted_loads", "scan_image_folder", "split_classes", "split_glyphs", "to_float",
-    "write_bin", "write_recordio",
+    "BinFileError", "BinPairsDataset", "CHARSETS", "Compose", "FONT_PACKAGES", "GlyphDataset",
+    "GlyphSet", "HeldOut", "IRHeader", "ImageFolderDataset", "RandomAffine",
+    "RandomHorizontalFlip", "RecordIODataset", "RecordIOError", "RecordIOReader",
+    "RestrictedUnpickler", "RunData", "ShardedSampler", "UnsafePickleError", "affine",
+    "build_dataset", "build_glyph_datasets", "build_run_data", "build_transform",
+    "default_cache_dir", "download_font_packages", "jis_kanji", "load_bin", "load_glyphs",
+    "prepare_glyphs", "read_index", "restricted_loads", "scan_image_folder", "split_classes",
+    "split_glyphs", "synthetic_glyphs", "to_float", "write_bin", "write_recordio",
 ]
 
 DATASET_KINDS = ("glyphs", "recordio", "folder", "bin")
@@ -74,9 +81,8 @@ def build_dataset(
     if kind == "glyphs":
         if split not in ("train", "heldout"):
             raise ValueError(f"glyph split must be 'train' or 'heldout', got {split!r}")
-        train_ds, held_ds = build_glyph_datasets(root, train_transform=transform, **kwargs)
-        if not train:
-            held_ds.transform = transform
+        train_ds, held_ds = build_glyph_datasets(root, train_transform=transform,
+                                                 heldout_transform=transform, **kwargs)
         return train_ds if train else held_ds
     if root is None:
         raise ValueError(f"data set kind {kind!r} needs a root path")

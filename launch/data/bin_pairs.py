@@ -44,6 +44,10 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The pickle references something a verification set never contains."""
 
 
+class BinFileError(ValueError):
+    """A ``.bin`` file is not a readable verification set (corrupt, truncated, wrong content)."""
+
+
 def _checked_dtype(dtype: np.dtype) -> np.dtype:
     if dtype not in _ALLOWED_DTYPES:
         raise UnsafePickleError(f"numpy dtype {dtype} is not allowed in a .bin file "
@@ -127,33 +131,47 @@ def _as_bytes(item: Any, latin1: bool) -> bytes:
         return item.encode("latin1")
     if isinstance(item, np.ndarray) and item.dtype == np.uint8:
         return item.tobytes()
-    raise ValueError(f"unexpected image entry of type {type(item).__name__} in .bin file")
+    raise BinFileError(f"unexpected image entry of type {type(item).__name__} in .bin file")
+
+
+def _unpickle(raw: bytes, path: PathLike) -> Tuple[Any, bool]:
+    """(object, whether it needed ``encoding="latin1"``). Raises
+    :class:`UnsafePickleError`, or :class:`BinFileError` for any other failure."""
+    try:
+        try:
+            return restricted_loads(raw, encoding="bytes"), False
+        except UnsafePickleError:
+            raise
+        except (UnicodeDecodeError, TypeError, ValueError):  # numpy state from py2 needs latin1
+            return restricted_loads(raw, encoding="latin1"), True
+    except UnsafePickleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt bytes fail in many ways
+        raise BinFileError(f"{path}: not a readable .bin pickle ({type(exc).__name__}: {exc})") from exc
 
 
 def load_bin(path: PathLike) -> Tuple[List[bytes], np.ndarray]:
-    """Load a verification ``.bin``: (encoded images (2P), bool issame (P,))."""
-    raw = Path(path).read_bytes()
-    latin1 = False
-    try:
-        obj = restricted_loads(raw, encoding="bytes")
-    except UnsafePickleError:
-        raise
-    except (UnicodeDecodeError, TypeError, ValueError):  # numpy state from py2 needs latin1
-        obj = restricted_loads(raw, encoding="latin1")
-        latin1 = True
+    """Load a verification ``.bin``: (encoded images (2P), bool issame (P,)).
+
+    Raises OSError (unreadable file), :class:`UnsafePickleError` (refused
+    content) or :class:`BinFileError` (corrupt or truncated pickle, wrong layout).
+    """
+    obj, latin1 = _unpickle(Path(path).read_bytes(), path)
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair")
+        raise BinFileError(f"{path}: expected a pickled (bins, issame_list) pair")
     bins, issame = obj
+    if not isinstance(bins, (tuple, list)):
+        raise BinFileError(f"{path}: bins is a {type(bins).__name__}, expected a list of images")
     images = [_as_bytes(b, latin1) for b in bins]
     same = np.asarray(issame)
     if same.dtype != np.bool_:
         if not np.isin(same, (0, 1)).all():
-            raise ValueError(f"{path}: issame_list is not boolean")
+            raise BinFileError(f"{path}: issame_list is not boolean")
         same = same.astype(bool)
     same = same.reshape(-1)
     if len(images) != 2 * len(same):
-        raise ValueError(f"{path}: {len(images)} images for {len(same)} pairs "
-                         "(expected 2 per pair)")
+        raise BinFileError(f"{path}: {len(images)} images for {len(same)} pairs "
+                           "(expected 2 per pair)")
     return images, same
 
 

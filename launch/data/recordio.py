@@ -24,14 +24,15 @@ Record payload::
 
 insightface layout (record keys):
 
-* key 0: the header record, ``flag = 2`` and label array ``[a, b]`` where
+* key 0: the header record (found by its key: ``im2rec`` writes it first,
+  insightface's ``face2rec2`` last), ``flag = 2`` and label array ``[a, b]`` where
   ``a = 1 + number of images`` and ``b = a + number of identities``. Image
   records are keys ``1 .. a-1``; keys ``a .. b-1`` are one record per identity
   whose label array ``[start, end)`` gives that identity's image keys (and whose
   image is empty). Hence ``a`` is *one past the last image key* (= the first
   identity-record key), not the first image key, and the number of classes
-  is ``b - a``. When record 0 has ``flag = 0`` the set has no such header and
-  every key of the .idx file is an image.
+  is ``b - a``. When there is no record 0, or it has ``flag = 0`` (an image),
+  the set has no such header and every key of the .idx file is an image.
 * image records: ``flag = 0`` and the class id in ``label`` (float32), or
   ``flag > 0`` and the class id in ``label_array[0]``.
 """
@@ -220,10 +221,19 @@ class RecordIOReader:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def _position(self, key: int) -> Optional[int]:
+        """Position of ``key`` in the sorted keys, or None if absent."""
+        pos = int(np.searchsorted(self._sorted_keys, key))
+        found = pos < len(self._sorted_keys) and self._sorted_keys[pos] == key
+        return pos if found else None
+
+    def __contains__(self, key: int) -> bool:
+        return self._position(key) is not None
+
     def offset(self, key: int) -> int:
         """Byte offset of record ``key`` (KeyError if absent)."""
-        pos = int(np.searchsorted(self._sorted_keys, key))
-        if pos >= len(self._sorted_keys) or self._sorted_keys[pos] != key:
+        pos = self._position(key)
+        if pos is None:
             raise KeyError(f"no record with key {key} in {self.rec_path}")
         return int(self._offsets[self._sort[pos]])
 
@@ -340,15 +350,22 @@ class RecordIODataset(Dataset):
         self.reader = RecordIOReader(rec, idx)
         self.transform = transform
         self.rgb = rgb
-        header, _ = self.reader.read_header(self.reader.keys[0])
-        self.header0: Optional[Tuple[int, int]] = None
-        if header.flag > 0:  # insightface header record (key 0)
-            a, b = int(header.label[0]), int(header.label[1])
-            self.header0 = (a, b)
-            self.image_keys = np.arange(1, a, dtype=np.int64)
+        self.header0 = self._read_header0()
+        if self.header0 is not None:  # images are keys 1 .. a-1
+            self.image_keys = np.arange(1, self.header0[0], dtype=np.int64)
         else:  # no header: every record is an image
             self.image_keys = np.asarray(self.reader.keys, dtype=np.int64)
         self._labels: Optional[np.ndarray] = None
+
+    def _read_header0(self) -> Optional[Tuple[int, int]]:
+        """``(a, b)`` of insightface's header record, read by key 0 wherever the
+        .idx lists it; None when there is no key 0 or record 0 is an image."""
+        if 0 not in self.reader:
+            return None
+        header, _ = self.reader.read_header(0)
+        if header.flag == 0 or np.size(header.label) < 2:
+            return None
+        return int(header.label[0]), int(header.label[1])
 
     @property
     def num_classes(self) -> int:

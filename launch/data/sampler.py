@@ -5,7 +5,15 @@ Per epoch, the indices ``0..N-1`` are shuffled with a generator seeded by
 global steps of ``num_replicas * batch_size`` indices; inside a full step rank
 ``r`` takes the ``r``-th block of ``batch_size``. The last, incomplete step is
 split as evenly as possible (block sizes differ by at most one), so ranks may
-get unequal counts but every index is used exactly once per epoch.
+get unequal counts but every index is used at most once per epoch.
+
+No per-rank batch of ONE sample: with ``batch_size > 1`` the last, incomplete
+step is dropped when it cannot give every rank at least 2 samples (fewer than
+``2 * num_replicas`` left). A batch of one sample crashes BatchNorm in
+training ("Expected more than 1 value per channel"), and dropping the whole
+step keeps every rank's number of batches equal. At most
+``2 * num_replicas - 1`` samples are skipped per epoch (e.g. the 17th of 17
+with batch 8, one or two ranks); ``batch_size=1`` (round robin) uses every index.
 
 Because each global step is a contiguous slice of the epoch order, "how many
 samples were consumed" is a single global number (``steps * global batch``,
@@ -45,7 +53,9 @@ class ShardedSampler(Sampler[int]):
         shuffle: shuffle each epoch (else the natural order).
         seed: base seed; epoch ``e`` uses ``seed + e``.
         drop_last: drop the final incomplete global step, so every rank gets
-            only full batches (those samples are skipped this epoch).
+            only full batches (those samples are skipped this epoch). Even
+            without it, an incomplete step that would give a rank a single
+            sample is dropped (when ``batch_size > 1``; see the module docstring).
     """
 
     def __init__(
@@ -96,13 +106,26 @@ class ShardedSampler(Sampler[int]):
         full, rest = divmod(remaining, step)
         spans = [(start + k * step + self.rank * self.batch_size,
                   start + k * step + (self.rank + 1) * self.batch_size) for k in range(full)]
-        if rest and not self.drop_last:
+        if self._keeps_incomplete(rest):
             base, extra = divmod(rest, self.num_replicas)
             lo = start + full * step + self.rank * base + min(self.rank, extra)
             hi = lo + base + (1 if self.rank < extra else 0)
             if hi > lo:
                 spans.append((lo, hi))
         return tuple(spans)
+
+    def _keeps_incomplete(self, rest: int) -> bool:
+        """Whether a last, incomplete step of ``rest`` samples is used: not with
+        ``drop_last``, nor when it would leave a rank a batch of one sample (or
+        none) while batches are meant to be larger."""
+        singles = self.batch_size > 1 and rest < 2 * self.num_replicas
+        return rest > 0 and not self.drop_last and not singles
+
+    def steps_left(self) -> int:
+        """Global steps this epoch still yields from position ``consumed`` (the same
+        number on every rank): full steps, plus one for a used incomplete step."""
+        full, rest = divmod(self.num_samples - self.consumed, self.num_replicas * self.batch_size)
+        return full + int(self._keeps_incomplete(rest))
 
     def __iter__(self) -> Iterator[int]:
         order = self.epoch_order()

@@ -184,17 +184,20 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
-def build_transform(kind: str = "glyph", train: bool = True) -> Optional[Transform]:
+def build_transform(kind: str = "glyph", train: bool = True,
+                    hflip_p: Optional[float] = None) -> Optional[Transform]:
     """The standard augmentation for a data kind; ``None`` when not training.
 
-    ``glyph``: small shift, scale and rotation, no flip (a mirrored kanji is a
-    different shape). ``face``: flip only, as in insightface training (the faces
-    are already aligned).
+    ``glyph``: small shift, scale and rotation, by default no flip (a mirrored
+    kanji is a different shape). ``face``: flip only, as in insightface training
+    (the faces are already aligned), by default with probability 0.5.
+    ``hflip_p`` overrides the kind's flip probability.
     """
     if not train:
         return None
     if kind == "glyph":
-        return RandomAffine(max_shift=0.08, scale=(0.9, 1.1), max_rotate_deg=8.0, hflip_p=0.0)
+        return RandomAffine(max_shift=0.08, scale=(0.9, 1.1), max_rotate_deg=8.0,
+                            hflip_p=0.0 if hflip_p is None else hflip_p)
     if kind == "face":
-        return RandomHorizontalFlip(0.5)
+        return RandomHorizontalFlip(0.5 if hflip_p is None else hflip_p)
     raise ValueError(f"unknown transform kind {kind!r} (expected 'glyph' or 'face')")
