@@ -147,6 +147,11 @@ class PartialFC(nn.Module):
         self.step = 0  # forward calls so far; seeds the sampling, saved in state_dict
         self.sampled_index: Optional[torch.Tensor] = None
 
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.weight._ddp_ignored = True  # to_empty() from meta makes a new Parameter
+        return module
+
     def reset_parameters(self) -> None:
         init_weight_rows_(self.weight, self.class_start, self.seed, self.init_std)
 

@@ -1,73 +1,69 @@
-"""Capacity planner for :class:`partialfc.PartialFC`: per-rank memory of one training step.
+"""Capacity planner for :class:`partialfc.PartialFC`: per-rank memory of one training step, measured.
 
-Pure Python (no torch): the plan replays, buffer by buffer, what one step of the head allocates
-and frees, as written in :mod:`partialfc.head`, :mod:`partialfc.softmax`,
-:mod:`partialfc.sampling`, :mod:`partialfc.collectives` and the optimizer, and reports the peak
-of the live bytes together with what is live at that moment.
+Nothing here models the head. The planner builds the real head on the ``meta`` device, gives it
+storage with ``to_empty`` under :class:`~torch._subclasses.fake_tensor.FakeTensorMode` (fake
+tensors: shapes, dtypes and devices, no data, nothing allocated), joins a fake process group of
+``world_size`` ranks as rank 0 (the heaviest shard: the first ``C % W`` ranks hold one more row)
+and runs forward, backward and the optimizer step under
+:class:`~torch.distributed._tools.mem_tracker.MemTracker`, which records every tensor the step
+creates and frees. A 10M-class shard takes about a second and no host memory; any change of
+:mod:`partialfc.head`, :mod:`partialfc.softmax` or the optimizers shows in the next plan.
 
 Usage::
 
     python -m partialfc.plan --classes 10M --world-size 8 --batch-per-rank 128 \\
         --dtype bf16 --optimizer sparse_sgd --sample-rate 0.1 --device-memory 80GiB
 
-Symbols: ``W`` ranks, ``B = W * batch_per_rank`` gathered rows, ``d`` embedding size, ``C`` this
-rank's classes (rank 0: the largest shard), ``k`` rows that take part in the step (``C``, or the
-Partial FC sample), ``P/M/A/E`` bytes per element of the parameters, of the matrix products, of
-the accumulation (fp32; fp64 for fp64 products) and of the embeddings. What one step holds:
+Two scenarios: ``fwd_bwd`` is forward + backward without optimizer state (the previous gradient
+freed, as ``zero_grad(set_to_none=True)`` does); ``step`` is the steady-state training step: the
+optimizer state exists (one step was taken before), then forward, backward and ``step()``.
+What is live at the peak is split by kind (:data:`CATEGORIES`, MemTracker's categories): the
+weights (params), the weight gradient (grads; the loss' backward creates it, autograd then hands
+it to the parameter), tensors created in forward (activations: the saved logits, the gathered
+embeddings, the sampled rows, forward temporaries), tensors created in backward or by the
+optimizer step and freed again (temporaries), and the optimizer state.
 
-==================  =====================================================================
-weights             ``C d P``, the shard (``head.weight``)
-gradient            the loss' ``(k, d)`` gradient ``grad_w`` in the weight dtype ``P``, the
-                    ``(C, d)`` dense gradient scattered from a sample, ``weight.grad``
-optimizer_state     momentum ``C d P`` (sgd_momentum, sparse_sgd + a ``C`` bool row mask),
-                    ``2 C d P`` (adamw)
-logits              materialized: one ``(B, k)`` buffer in ``A`` kept from forward to backward;
-                    chunked: one ``(B, chunk)`` block at a time (each is deleted before the next)
-mm_temporaries      matmul-dtype copies (``w_mm``, ``x^_mm``, the block product before its cast,
-                    ``G'_mm``, ``G'^T x^`` before it is copied into ``grad_w`` when ``M != P``;
-                    with ``M == P`` it is written into ``grad_w`` directly), the radial
-                    projection's row slices (``VECDOT_ROWS`` rows: the ``linalg.vecdot`` product,
-                    and the ``A`` promotions of the slice of ``grad_w`` and of ``w`` when
-                    ``P != A``), and on CPU the ``A`` copy that ``vector_norm(weight, dtype=A)``
-                    makes of a ``P != A`` weight
-embeddings          gathered payload and ``x_global`` (``B (d E + 8)``), ``x^`` and the
-                    ``(B, d)`` gradients
-sampled_weights     the ``(k, d)`` copy of the sampled rows (``index_select`` / ``F.embedding``)
-                    and the ``k`` indices
-optimizer_temps     SparseSGD's row gathers (4 ``(k, d)``), AdamW's ``sqrt`` / ``div``
-                    results, weight decay's ``grad + wd p``
-other               per-class vectors (``1/|w_j|``, column scales, sampling scores)
-==================  =====================================================================
+How the options are realised: ``dtype`` is the parameters' dtype, ``embedding_dtype`` the
+embeddings' (default ``mm_dtype``); a ``mm_dtype`` that the embeddings and weights do not give
+by type promotion runs the forward under ``torch.autocast`` with that dtype. ``device="cuda"``
+(the default) runs on fake CPU tensors with what the code chooses by device type set as on
+CUDA: the row slices of :data:`partialfc.softmax.VECDOT_ROWS` and torch's foreach optimizers
+(on CUDA their default; fake tensors run in this process on any machine, with or without a GPU).
+``device="cpu"`` keeps the CPU choices (for-loop optimizers).
 
-Not included: the inputs and their gradient outside the head, the backbone, the CUDA context
-and the caching allocator's rounding/fragmentation (pass those as ``reserve``), collective
-library buffers, (B,)-sized vectors (a few kB).
-
-Scenarios: ``fwd_bwd`` is forward + backward with no optimizer (the gradient of the previous
-step freed first, as ``zero_grad(set_to_none=True)`` does); the full ``step`` adds the
-optimizer's persistent state and its ``step()``. ``device="cpu"`` models what the resident set
-size sees (``torch.empty`` pages count once written; ``vector_norm`` upcasts on the host; AdamW's
-for-loop step); ``device="cuda"`` models ``torch.cuda.max_memory_allocated`` (allocation counts
-at once; foreach optimizers).
+Not included (pass them as ``reserve``): the inputs outside the head and the backbone, the CUDA
+context, the caching allocator's rounding and fragmentation, collective library buffers, memory a
+kernel uses inside itself (e.g. on CPU, ``vector_norm(w, dtype=float32)`` of a bf16 weight
+upcasts the whole shard for a moment), and the few bytes of the input validation (the plan runs
+the head with ``validate=False, uniform_batch=True``). When the planned sample is smaller than
+the global batch, the head reads the number of positives on the host; a fake run cannot, so
+the plan takes the worst case (all ``min(B, C_local)`` rows are positives).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
-import math
+import os
 import re
+import subprocess
 import sys
+import time
+import weakref
 from typing import Optional
 
-_VECDOT_ROWS = {"cpu": 4096, "cuda": 65536}  # as partialfc.softmax.VECDOT_ROWS (tests check they agree)
-DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+import torch
+
+_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_BYTES = {name: dt.itemsize for name, dt in _DTYPES.items()}
 OPTIMIZERS = ("sgd", "sgd_momentum", "sparse_sgd", "adamw")
-CATEGORIES = ("weights", "gradient", "optimizer_state", "logits", "mm_temporaries", "embeddings",
-              "sampled_weights", "optimizer_temps", "other")
+CATEGORIES = ("params", "grads", "activations", "temporaries", "optimizer_state", "other")
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                   "float64": "fp64", "double": "fp64"}
 
-__all__ = ["plan_memory", "max_classes", "parse_size", "format_bytes", "CATEGORIES", "OPTIMIZERS"]
+__all__ = ["plan_memory", "max_classes", "parse_size", "parse_count", "format_bytes", "format_plan", "main",
+           "CATEGORIES", "OPTIMIZERS"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,6 +92,7 @@ def parse_count(text) -> int:
 
 
 def format_bytes(n: float) -> str:
+    """``3145728`` -> ``"3.00 MiB"`` (B, KiB, MiB, GiB)."""
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -105,272 +102,73 @@ def format_bytes(n: float) -> str:
 
 
 def _dtype(name: Optional[str], default: Optional[str] = None) -> str:
+    """A dtype name (``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``) -> its short name."""
     if name is None:
         if default is None:
             raise ValueError("dtype missing")
         return default
     key = str(name).lower().replace("torch.", "")
     key = _DTYPE_ALIASES.get(key, key)
-    if key not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {name!r}; one of {sorted(DTYPE_BYTES)}")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; one of {sorted(_DTYPES)}")
     return key
 
 
-def _shard(num_classes: int, world_size: int, rank: int) -> int:
-    """Classes of ``rank`` (the rule of :mod:`partialfc.partition`)."""
-    base, extra = divmod(num_classes, world_size)
-    return base + (rank < extra)
-
-
-def sample_rows(classes_local: int, sample_rate: float, global_batch: int) -> int:
-    """Rows taking part in a step: ``planned_sample_size`` of :mod:`partialfc.sampling`, raised to
-    the largest number of positives ``min(B, C)`` when those could exceed it (worst case)."""
-    if sample_rate >= 1.0:
-        return classes_local
-    k = min(classes_local, max(1, math.ceil(sample_rate * classes_local)))
-    if k < min(global_batch, classes_local):
-        k = min(global_batch, classes_local)
-    return k
-
-
 # ------------------------------------------------------------------------------------------
-class _Timeline:
-    """Live buffers by name; the peak of their sum and what was live at the peak."""
-
-    def __init__(self):
-        self.live: dict[str, tuple[str, int]] = {}
-        self.peak, self.peak_where = 0, ""
-        self.peak_live: dict[str, tuple[str, int]] = {}
-
-    def alloc(self, name: str, category: str, nbytes: float, where: str) -> None:
-        if name in self.live:
-            raise AssertionError(f"plan: buffer {name} allocated twice")
-        nbytes = int(nbytes)
-        if nbytes <= 0:
-            return
-        self.live[name] = (category, nbytes)
-        total = sum(b for _, b in self.live.values())
-        if total > self.peak:
-            self.peak, self.peak_where, self.peak_live = total, where, dict(self.live)
-
-    def free(self, *names: Optional[str]) -> None:
-        for name in names:
-            if name is not None:
-                self.live.pop(name, None)
-
-    def breakdown(self) -> dict[str, int]:
-        out = {c: 0 for c in CATEGORIES}
-        for category, nbytes in self.peak_live.values():
-            out[category] += nbytes
-        return out
+def _check_ints(**values) -> None:
+    """Raise unless every value is a positive int."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"plan_memory: {name} must be a positive int, got {value!r}")
 
 
-def _simulate(cfg: dict, with_optimizer: bool) -> _Timeline:
-    """One steady-state step (weights and optimizer state allocated, no gradient yet)."""
-    W, B, Br, d = cfg["world_size"], cfg["global_batch"], cfg["batch_per_rank"], cfg["embedding_size"]
-    C, k = cfg["classes_local"], cfg["sampled_classes"]
-    P, M, E = DTYPE_BYTES[cfg["dtype"]], DTYPE_BYTES[cfg["mm_dtype"]], DTYPE_BYTES[cfg["embedding_dtype"]]
-    A = 8 if cfg["mm_dtype"] == "fp64" else 4
-    p_is_a = cfg["dtype"] == ("fp64" if A == 8 else "fp32")
-    m_is_a = M == A and cfg["mm_dtype"] in ("fp32", "fp64")
-    e_is_a = cfg["embedding_dtype"] == ("fp64" if A == 8 else "fp32")
-    p_is_m = cfg["dtype"] == cfg["mm_dtype"]
-    cpu = cfg["device"] == "cpu"
-    sampled, sparse, opt = cfg["sample_rate"] < 1.0, cfg["sparse_grad"], cfg["optimizer"]
-    chunk = k if not cfg["chunk_size"] else min(cfg["chunk_size"], k)
-    n_full, rem = divmod(k, chunk)
-    # representative blocks: the loop repeats the same pattern; two full blocks show its peak
-    blocks = [chunk] * min(n_full, 2) + ([rem] if rem else [])
-    materialized = chunk == k
-
-    t = _Timeline()
-    t.alloc("weight", "weights", C * d * P, "start")
-    if with_optimizer:
-        if opt in ("sgd_momentum", "sparse_sgd"):
-            t.alloc("momentum", "optimizer_state", C * d * P, "start")
-            if opt == "sparse_sgd" and sparse:
-                t.alloc("row_initialized", "optimizer_state", C, "start")
-        elif opt == "adamw":
-            t.alloc("exp_avg", "optimizer_state", C * d * P, "start")
-            t.alloc("exp_avg_sq", "optimizer_state", C * d * P, "start")
-
-    # ---- forward: head.forward ----------------------------------------------------------
-    where = "forward: gather"
-    if W > 1:  # GatherEmbeddings: payload = [x | labels as E], gathered, x_global, labels_global
-        t.alloc("payload", "embeddings", Br * (d * E + 8), where)
-        t.alloc("gathered", "embeddings", B * (d * E + 8), where)
-        t.alloc("x_global", "embeddings", B * d * E, where)
-        t.alloc("labels_global", "embeddings", B * 8, where)
-        t.free("payload", "gathered")
-    if sampled:
-        where = "forward: sampling"
-        t.alloc("positive", "other", C + 1, where)
-        t.alloc("scores", "other", 4 * C, where)
-        if cpu:  # CPU topk keeps a (value, index) pair per candidate
-            t.alloc("topk_queue", "other", 16 * C, where)
-        t.alloc("topk_out", "other", 12 * k, where)
-        t.free("topk_queue")
-        t.alloc("index", "sampled_weights", 8 * k, where)  # sorted indices (kept: head.sampled_index)
-        t.alloc("sort_perm", "other", 8 * k, where)
-        t.free("topk_out", "sort_perm")
-        t.alloc("where_in_sample", "other", 8 * C, where)
-        t.free("positive", "scores", "where_in_sample")
-        t.alloc("w_sampled", "sampled_weights", k * d * P, "forward: sampled weight copy")
-    elif sparse:
-        t.alloc("index", "sampled_weights", 8 * C, "forward: arange")
-        t.alloc("w_sampled", "sampled_weights", C * d * P, "forward: F.embedding copy")
-
-    # ---- forward: MarginSoftmaxCrossEntropy ----------------------------------------------
-    where = "forward: norms"
-    if not e_is_a:
-        t.alloc("x_acc", "embeddings", B * d * A, where)
-    t.alloc("xhat", "embeddings", B * d * A, where)
-    if cpu and not p_is_a:
-        t.alloc("norm_upcast", "mm_temporaries", k * d * A, where)
-    t.alloc("inv_norm", "other", k * A, where)
-    t.alloc("inv_norm_tmp", "other", 2 * k * A, where)
-    t.free("norm_upcast", "inv_norm_tmp")
-    t.alloc("w_t", "embeddings", B * d * A, where)
-    if not m_is_a:
-        t.alloc("xhat_mm", "mm_temporaries", B * d * M, where)
-    if not p_is_m:
-        t.alloc("w_mm", "mm_temporaries", k * d * M, where)
-    t.alloc("col_scale", "other", k * A, where)
-    previous = None
-    for i, cb in enumerate(blocks):
-        where = "forward: logits" + ("" if materialized else f" block {i + 1}")
-        name = f"z{i}"
-        t.free(previous)  # softmax.py deletes each block before forming the next (chunked)
-        if not m_is_a:
-            t.alloc(name + "_mm", "mm_temporaries", B * cb * M, where)
-        t.alloc(name, "logits", B * cb * A, where)
-        t.free(name + "_mm")
-        previous = name
-    if not materialized:  # materialized: the one block is the buffer kept for backward
-        t.free(previous)
-    t.free("x_acc", "w_t", "xhat_mm", "w_mm", "col_scale")
-    if W > 1:
-        t.free("x_global", "labels_global")
-
-    # ---- backward: MarginSoftmaxCrossEntropy.backward -------------------------------------
-    where = "backward: setup"
-    if not m_is_a:
-        t.alloc("b_xhat_mm", "mm_temporaries", B * d * M, where)
-    if not p_is_m:
-        t.alloc("b_w_mm", "mm_temporaries", k * d * M, where)
-    t.alloc("grad_xhat", "embeddings", B * d * A, where)
-    # grad_w = torch.empty(k, d): counted at once on CUDA; on CPU its pages count once written,
-    # block by block (grad_w[c0:c1] = a)
-    grad_w_parts = []
-    if not cpu:
-        t.alloc("grad_w", "gradient", k * d * P, where)  # in the weight's dtype
-        grad_w_parts.append("grad_w")
-
-    def grad_block(cb, tag):
-        where_ = f"backward: weight-gradient product{tag}"
-        if not m_is_a:
-            t.alloc("g_mm", "mm_temporaries", B * cb * M, where_)
-        t.alloc("gx_part", "embeddings", B * d * M, where_)
-        t.free("gx_part")
-        # a = grad_w[c0:c1]: G'^T x^ goes straight into the gradient (mm out=) when the product
-        # dtype is the accumulation dtype, else through an M-dtype product and a copy
-        if not p_is_m:
-            t.alloc("a_mm", "mm_temporaries", cb * d * M, where_)
-        if cpu:  # the block's pages of grad_w are written here
-            name_ = f"grad_w{len(grad_w_parts)}"
-            t.alloc(name_, "gradient", cb * d * P, f"backward: grad_w written{tag}")
-            grad_w_parts.append(name_)
-        t.free("a_mm")
-        t.alloc("coef", "other", cb * A, where_)
-        # linalg.vecdot(a, w_blk) is (a * w_blk).sum(1), run on slices of VECDOT_ROWS rows
-        # (softmax.py): a (min(cb, VECDOT_ROWS), d) product for a moment
-        rows = min(cb, _VECDOT_ROWS["cpu" if cpu else "cuda"])
-        if not p_is_a:  # the slice of a and of w promoted to the accumulation dtype
-            t.alloc("a_slice", "mm_temporaries", rows * d * A, where_)
-            t.alloc("w_slice", "mm_temporaries", rows * d * A, where_)
-        t.alloc("vecdot_tmp", "mm_temporaries", rows * d * A, where_)
-        t.free("a_slice", "w_slice")
-        t.free("vecdot_tmp", "g_mm", "coef")
-
-    last_z = "z0"  # materialized: the forward's buffer, turned into G' in place
-    if materialized:
-        grad_block(k, "")
-    else:
-        # the loop repeats one pattern and its live set grows only through grad_w on CPU, so
-        # the last blocks show the peak: the earlier ones are summarised
-        all_blocks = [chunk] * n_full + ([rem] if rem else [])
-        shown = all_blocks[-3:]
-        earlier = len(all_blocks) - len(shown)
-        if earlier:
-            if cpu:
-                t.alloc("grad_w_earlier", "gradient", earlier * chunk * d * P, "backward: earlier blocks")
-                grad_w_parts.append("grad_w_earlier")
-            t.alloc("bz_earlier", "logits", B * chunk * A, "backward: earlier blocks")
-        prev = "bz_earlier" if earlier else None
-        for i, cb in enumerate(shown):
-            name = f"bz{i}"
-            tag = f" (block {earlier + i + 1} of {len(all_blocks)})"
-            t.free(prev)  # softmax.py deletes each block after its gradient step
-            if not m_is_a:
-                t.alloc(name + "_mm", "mm_temporaries", B * cb * M, "backward: recompute" + tag)
-            t.alloc(name, "logits", B * cb * A, "backward: recompute" + tag)
-            t.free(name + "_mm")
-            prev = name
-            grad_block(cb, tag)
-        t.free(prev)
-        last_z = None
-    where = "backward: return"
-    t.alloc("grad_x", "embeddings", B * d * A, where)
-    if not e_is_a:
-        t.alloc("grad_x_e", "embeddings", B * d * E, where)
-    # the Function returns; its locals and saved tensors (incl. a sampled weight copy) go
-    t.free(last_z, "b_xhat_mm", "b_w_mm", "grad_xhat", "grad_x", "xhat", "inv_norm", "w_sampled")
-    grad_k = grad_w_parts  # already in the weight's dtype
-    # ---- backward: weight path ------------------------------------------------------------
-    if sampled and not sparse:  # IndexSelectBackward: zeros (C, d) + index_add_
-        t.alloc("grad_dense", "gradient", C * d * P, "backward: sampled gradient scattered to (C, d)")
-        t.free(*grad_k)
-    elif sparse:  # EmbeddingBackward: a COO tensor around the same values
-        t.alloc("grad_indices", "gradient", 8 * k, "backward: sparse gradient")
-    # else: AccumulateGrad takes grad_w itself as weight.grad
-    if W > 1:  # GatherEmbeddings.backward: reduce-scatter + scale
-        t.alloc("grad_local", "embeddings", Br * d * E, "backward: reduce-scatter")
-        t.alloc("grad_local_scaled", "embeddings", Br * d * E, "backward: reduce-scatter")
-        t.free("grad_local", "grad_x_e")
-    else:
-        t.free("grad_x_e")
-
-    # ---- optimizer ------------------------------------------------------------------------
-    if with_optimizer:
-        rows = k if sparse else C
-        where = "optimizer step"
-        wd = cfg["weight_decay"] != 0
-        if opt == "sparse_sgd" and sparse:
-            t.alloc("coalesced", "optimizer_temps", k * d * P + 8 * k, where)
-            t.alloc("p_rows", "optimizer_temps", k * d * P, where)
-            if wd:
-                t.alloc("g_wd", "optimizer_temps", k * d * P, where)
-            t.alloc("buf_rows", "optimizer_temps", k * d * P, where)
-            t.alloc("buf_rows_where", "optimizer_temps", k * d * P, where)
-            t.free("buf_rows")
-            t.alloc("p_new", "optimizer_temps", k * d * P, where)
-        elif opt == "adamw":
-            t.alloc("sqrt", "optimizer_temps", rows * d * P, where)
-            if cpu:  # for-loop AdamW: (v.sqrt() / c) holds both results for a moment
-                t.alloc("div", "optimizer_temps", rows * d * P, where)
-        elif wd:  # SGD: grad.add(p, alpha=wd)
-            t.alloc("g_wd", "optimizer_temps", rows * d * P, where)
-    return t
+def _check_options(sample_rate, optimizer, chunk_size, device, sparse_grad) -> None:
+    """Raise on a value the head, the planner's optimizers or its device models do not take."""
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"plan_memory: sample_rate must be in (0, 1], got {sample_rate!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"plan_memory: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if chunk_size is not None:
+        _check_ints(chunk_size=chunk_size)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"plan_memory: device must be 'cpu' or 'cuda', got {device!r}")
+    if sparse_grad and optimizer != "sparse_sgd":
+        # torch.optim.SGD/AdamW (dense) do not take the head's sparse rows
+        raise ValueError(f"plan_memory: sparse_grad=True needs optimizer='sparse_sgd', got {optimizer!r}")
 
 
-# ------------------------------------------------------------------------------------------
+def _classes(num_classes, classes_per_rank, world_size, rank) -> int:
+    """The total class count (``classes_per_rank`` -> ``W`` equal shards), checked."""
+    if (num_classes is None) == (classes_per_rank is None):
+        raise ValueError("plan_memory: give exactly one of num_classes and classes_per_rank")
+    if classes_per_rank is not None:
+        _check_ints(classes_per_rank=classes_per_rank)
+        return classes_per_rank * world_size
+    _check_ints(num_classes=num_classes)
+    if num_classes < world_size:
+        raise ValueError(f"plan_memory: num_classes ({num_classes}) must be >= world_size ({world_size})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"plan_memory: rank must be in [0, {world_size})")
+    return num_classes
+
+
+def _mm_plan(dtype: str, mm_dtype: str, embedding_dtype: str) -> Optional[str]:
+    """The autocast dtype that makes the head multiply in ``mm_dtype`` (None: type promotion does)."""
+    if torch.promote_types(_DTYPES[embedding_dtype], _DTYPES[dtype]) == _DTYPES[mm_dtype]:
+        return None
+    if mm_dtype not in ("bf16", "fp16"):
+        raise ValueError(f"plan_memory: mm_dtype {mm_dtype} needs autocast, which takes bf16 or fp16 only "
+                         f"(params {dtype}, embeddings {embedding_dtype})")
+    return mm_dtype
+
+
 def plan_memory(num_classes: Optional[int] = None, embedding_size: int = 512, world_size: int = 1,
                 batch_per_rank: int = 128, sample_rate: float = 1.0, dtype: str = "fp32",
                 mm_dtype: Optional[str] = None, optimizer: str = "sgd_momentum",
                 chunk_size: Optional[int] = None, sparse_grad: Optional[bool] = None,
                 embedding_dtype: Optional[str] = None, device: str = "cuda", weight_decay: float = 0.0,
                 rank: int = 0, classes_per_rank: Optional[int] = None) -> dict:
-    """Per-rank memory of one step of ``PartialFC`` (bytes).
+    """Per-rank memory of one step of ``PartialFC`` (bytes), measured on fake tensors.
 
     Give ``num_classes`` (all ranks; ``rank`` 0 holds the largest shard) or ``classes_per_rank``.
     ``dtype`` is the parameters' dtype, ``mm_dtype`` the matrix products' (default ``dtype``;
@@ -380,109 +178,443 @@ def plan_memory(num_classes: Optional[int] = None, embedding_size: int = 512, wo
     Returns a dict: ``peak`` (bytes), ``breakdown`` (category -> bytes live at the peak; the
     values add up to ``peak``), ``peak_phase``, ``weights``, ``above_weights`` (``peak -
     weights``) for the full training step, the same under ``"fwd_bwd"`` for forward + backward
-    without an optimizer, and the derived shapes (``classes_local``, ``sampled_classes``,
-    ``global_batch``, ``chunk``).
+    without an optimizer, the shapes (``classes_local``, ``sampled_classes``, ``global_batch``,
+    ``chunk``), ``seconds`` (time of the measurement) and ``ops`` (ops it dispatched).
     """
-    if (num_classes is None) == (classes_per_rank is None):
-        raise ValueError("plan_memory: give exactly one of num_classes and classes_per_rank")
-    for name, value in (("embedding_size", embedding_size), ("world_size", world_size),
-                        ("batch_per_rank", batch_per_rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"plan_memory: {name} must be a positive int, got {value!r}")
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"plan_memory: sample_rate must be in (0, 1], got {sample_rate!r}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"plan_memory: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"plan_memory: chunk_size must be a positive int or None, got {chunk_size!r}")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"plan_memory: device must be 'cpu' or 'cuda', got {device!r}")
-    if classes_per_rank is not None:
-        if classes_per_rank < 1:
-            raise ValueError("plan_memory: classes_per_rank must be >= 1")
-        classes_local, num_classes = int(classes_per_rank), int(classes_per_rank) * world_size
-    else:
-        if num_classes < world_size:
-            raise ValueError(f"plan_memory: num_classes ({num_classes}) must be >= world_size ({world_size})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"plan_memory: rank must be in [0, {world_size})")
-        classes_local = _shard(int(num_classes), world_size, rank)
+    return _measure(_config(**locals()))
+
+
+def _config(num_classes, embedding_size, world_size, batch_per_rank, sample_rate, dtype, mm_dtype, optimizer,
+            chunk_size, sparse_grad, embedding_dtype, device, weight_decay, rank, classes_per_rank) -> dict:
+    """The checked arguments of :func:`plan_memory` as a JSON-able dict."""
+    _check_ints(embedding_size=embedding_size, world_size=world_size, batch_per_rank=batch_per_rank)
+    if sparse_grad is None:
+        sparse_grad = optimizer == "sparse_sgd"
+    _check_options(sample_rate, optimizer, chunk_size, device, sparse_grad)
+    num_classes = _classes(num_classes, classes_per_rank, world_size, rank)
     dtype = _dtype(dtype)
     mm_dtype = _dtype(mm_dtype, dtype)
     embedding_dtype = _dtype(embedding_dtype, mm_dtype)
-    if sparse_grad is None:
-        sparse_grad = optimizer == "sparse_sgd"
-    if sparse_grad and optimizer in ("sgd", "sgd_momentum", "adamw"):
-        # torch.optim.SGD/AdamW (dense) do not take the head's sparse rows in this plan
-        raise ValueError(f"plan_memory: sparse_grad=True needs optimizer='sparse_sgd', got {optimizer!r}")
-    global_batch = world_size * batch_per_rank
-    k = sample_rows(classes_local, sample_rate, global_batch)
-    cfg = dict(num_classes=int(num_classes), classes_local=classes_local, sampled_classes=k,
-               embedding_size=embedding_size, world_size=world_size, batch_per_rank=batch_per_rank,
-               global_batch=global_batch, sample_rate=float(sample_rate), dtype=dtype, mm_dtype=mm_dtype,
-               embedding_dtype=embedding_dtype, optimizer=optimizer, chunk_size=chunk_size,
-               sparse_grad=bool(sparse_grad), device=device, weight_decay=float(weight_decay))
-    weights = classes_local * embedding_size * DTYPE_BYTES[dtype]
-    out = dict(cfg)
-    out["chunk"] = k if not chunk_size else min(chunk_size, k)
-    out["weights"] = weights
-    for key, with_opt in (("fwd_bwd", False), ("step", True)):
-        t = _simulate(cfg, with_opt)
-        breakdown = t.breakdown()
-        assert sum(breakdown.values()) == t.peak
-        out[key] = dict(peak=t.peak, peak_phase=t.peak_where, breakdown=breakdown,
-                        above_weights=t.peak - weights)
-    out["peak"] = out["step"]["peak"]
-    out["breakdown"] = out["step"]["breakdown"]
-    out["peak_phase"] = out["step"]["peak_phase"]
-    out["above_weights"] = out["step"]["above_weights"]
+    _mm_plan(dtype, mm_dtype, embedding_dtype)
+    return dict(num_classes=int(num_classes), embedding_size=embedding_size, world_size=world_size,
+                batch_per_rank=batch_per_rank, global_batch=world_size * batch_per_rank,
+                sample_rate=float(sample_rate), dtype=dtype, mm_dtype=mm_dtype, embedding_dtype=embedding_dtype,
+                optimizer=optimizer, chunk_size=chunk_size, sparse_grad=bool(sparse_grad), device=device,
+                weight_decay=float(weight_decay), rank=0 if classes_per_rank is not None else int(rank))
+
+
+# ------------------------------------------------------------------------------------------
+def _measure(cfg: dict) -> dict:
+    """The plan of one checked configuration: measured in this process, or in a fresh one when
+    ``torch.distributed`` is initialised here (the fake process group must not replace it)."""
+    if _distributed_here():
+        return _in_fresh_process("_measure", cfg=cfg)
+    with _fake_world(cfg["world_size"], cfg["rank"]):
+        return _plan_one(cfg)
+
+
+def _distributed_here() -> bool:
+    """Whether this process has a ``torch.distributed`` default group."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _fake_world(world_size: int, rank: int):
+    """A fake default process group (collectives on fake tensors move nothing) for the block."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _in_fresh_process(name: str, **kwargs):
+    """``name(**kwargs)`` of this module (JSON in and out) in a fresh interpreter that imports this
+    same copy of ``partialfc`` and is no rank of the caller's job."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    code = ("import json, sys; from partialfc import plan; name, kw = json.load(sys.stdin); "
+            "print(json.dumps(getattr(plan, name)(**kw)))")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([name, kwargs]), env=env,
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"partialfc.plan: the measuring subprocess failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------
+def _plan_one(cfg: dict) -> dict:
+    """Measure one configuration; the worst-case sample when the head would read it on the host."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    start = time.perf_counter()
+    try:
+        run = _fake_run(cfg, cfg["sample_rate"])
+    except DataDependentOutputException:
+        rate = _worst_case_rate(cfg)
+        if rate is None:
+            raise
+        run = _fake_run(cfg, rate)
+    return _result(cfg, run, time.perf_counter() - start)
+
+
+def _worst_case_rate(cfg: dict) -> Optional[float]:
+    """A sample rate whose planned sample holds ``min(B, C_local)`` rows: the largest the head
+    can draw when every row of the global batch has a different positive class of this shard.
+    None when sampling is off (then the host read has another cause)."""
+    from .partition import shard_bounds
+    from .sampling import planned_sample_size
+    if cfg["sample_rate"] >= 1.0:
+        return None
+    start, end = shard_bounds(cfg["num_classes"], cfg["world_size"], cfg["rank"])
+    rows = min(cfg["global_batch"], end - start)
+    rate = rows / (end - start)
+    while planned_sample_size(end - start, rate) > rows:  # float rounding of rate * C
+        rate = rate * (1 - 1e-12)
+    return rate
+
+
+def _fake_run(cfg: dict, sample_rate: float) -> dict:
+    """Build the head and its optimizer on fake tensors; measure forward + backward (first step,
+    no optimizer state), then a whole step of the steady state."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    head = _meta_head(cfg, sample_rate)
+    with _device_settings(cfg["device"]), FakeTensorMode(allow_non_fake_inputs=True):
+        head.to_empty(device="cpu")  # fake storage: nothing is allocated
+        head.reset_parameters()  # no data to fill: a no-op on fake (and meta) weights
+        x = torch.randn(cfg["batch_per_rank"], cfg["embedding_size"], dtype=_DTYPES[cfg["embedding_dtype"]],
+                        requires_grad=True)
+        labels = torch.randint(0, cfg["num_classes"], (cfg["batch_per_rank"],))
+        opt = _optimizer(cfg, head)
+        out = {"fwd_bwd": _scenario(cfg, head, x, labels, None)}
+        out["ops"] = _first_step(opt, x)
+        out["step"] = _scenario(cfg, head, x, labels, opt)
+        out["classes_local"] = head.num_local
+        out["sampled_classes"] = head.num_local if head.sampled_index is None else head.sampled_index.shape[0]
+        return out
+
+
+def _meta_head(cfg: dict, sample_rate: float):
+    """The real head of ``cfg`` on the ``meta`` device, as large models are built (in the fake
+    process group: rank ``cfg["rank"]`` of ``world_size``)."""
+    from .head import PartialFC
+    return PartialFC(cfg["embedding_size"], cfg["num_classes"], sample_rate=sample_rate,
+                     chunk_size=cfg["chunk_size"], sparse_grad=cfg["sparse_grad"], validate=False,
+                     uniform_batch=True, device="meta", dtype=_DTYPES[cfg["dtype"]])
+
+
+@contextlib.contextmanager
+def _device_settings(device: str):
+    """Fake tensors run on the CPU device; for the CUDA model, what the head looks up by device
+    type is set to its CUDA entry for the block (:data:`partialfc.softmax.VECDOT_ROWS`)."""
+    from unittest import mock
+    from . import softmax
+    if device == "cpu":
+        yield
+        return
+    cuda_rows = softmax.VECDOT_ROWS.get("cuda", softmax.VECDOT_ROWS_DEFAULT)
+    with mock.patch.dict(softmax.VECDOT_ROWS, {"cpu": cuda_rows}):
+        yield
+
+
+def _optimizer(cfg: dict, head):
+    """The optimizer of ``cfg``: foreach implementations for the CUDA model (torch's default on
+    CUDA tensors), for-loop ones for the CPU model (its default there)."""
+    from .optim import SparseSGD
+    params, wd, opt = [head.weight], cfg["weight_decay"], cfg["optimizer"]
+    foreach = cfg["device"] == "cuda"
+    if opt == "sparse_sgd":
+        return SparseSGD(params, lr=0.1, momentum=0.9, weight_decay=wd)
+    if opt == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=wd, foreach=foreach)
+    momentum = 0.9 if opt == "sgd_momentum" else 0.0
+    return torch.optim.SGD(params, lr=0.1, momentum=momentum, weight_decay=wd, foreach=foreach)
+
+
+def _forward(cfg: dict, head, x, labels):
+    """``head(x, labels)``, under autocast when the requested matmul dtype needs it."""
+    amp = _mm_plan(cfg["dtype"], cfg["mm_dtype"], cfg["embedding_dtype"])
+    if amp is None:
+        return head(x, labels)
+    with torch.autocast("cpu", dtype=_DTYPES[amp]):
+        return head(x, labels)
+
+
+def _first_step(opt, x) -> int:
+    """The optimizer step after the first backward, not counted: it makes the optimizer state of
+    the steady state; then the gradients are dropped (under a tracker all the same: it corrects
+    fake sparse tensors)."""
+    with _new_tracker() as tracker:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    x.grad = None
+    return tracker.ops
+
+
+# ------------------------------------------------------------------------------------------
+def _new_tracker():
+    """A new peak tracker (its class is made on first use: MemTracker's import takes seconds)."""
+    global _PeakTracker
+    if _PeakTracker is None:
+        _PeakTracker = _make_tracker_class()
+    return _PeakTracker()
+
+
+_PeakTracker = None
+
+
+def _make_tracker_class():
+    """:class:`MemTracker` with what the plan needs (see the class doc)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class PeakTracker(MemTracker):
+        """MemTracker that remembers the storages live at the peak, so that each is counted under
+        the kind it ends up as (:func:`_breakdown`); that runs ops as a run without a dispatch
+        mode would (:func:`_as_in_a_plain_run`); and that counts a sparse tensor by its index and
+        value tensors."""
+
+        def __init__(self):
+            super().__init__()
+            self.peak_live, self.peak_op, self._op, self._fresh, self.ops = [], "", "", None, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            """Track ``func``'s outputs; remember the output of a ``zeros`` for the next op."""
+            func = _as_in_a_plain_run(func, args, self._fresh)
+            self._op, self.ops = getattr(func, "__name__", str(func)), self.ops + 1
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self._fresh = weakref.ref(out) if func in _FRESH_ZEROS else None
+            return out
+
+        def _update_peak_stats(self, peak_state) -> None:
+            """On a new peak, also keep ``(info, storage ref, bytes)`` of every live storage."""
+            before = self.peak_total()
+            super()._update_peak_stats(peak_state)
+            if self.peak_total() > before:
+                self.peak_live = [(w, ref, w.mem_consumed) for w, ref in self._WINFO.values()]
+                self.peak_op = self._op
+
+        def _track(self, reftype, t) -> None:
+            """Track ``t``'s storages (a sparse tensor's: those of its indices and values)."""
+            for part in _dense_parts(t):
+                super()._track(reftype, part)
+
+        def _update_and_maybe_create_winfos(self, t, reftype, update_existing=False):
+            """As MemTracker's, through a sparse tensor's indices and values."""
+            parent = super(PeakTracker, self)._update_and_maybe_create_winfos
+            return set().union(*(parent(p, reftype, update_existing) for p in _dense_parts(t)))
+
+        def peak_total(self) -> int:
+            """Bytes live at the peak so far."""
+            return sum(self._peak_mem.values())
+
+        def breakdown(self) -> dict:
+            """:data:`CATEGORIES` -> bytes live at the peak."""
+            return _breakdown(self.peak_live, self.peak_total())
+
+    return PeakTracker
+
+
+def _breakdown(peak_live, total: int) -> dict:
+    """What was live at the peak, by the kind each storage has now: MemTracker's categories,
+    except that an optimizer tensor which is gone after the step was one of its temporaries."""
+    from torch.distributed._tools.mem_tracker import _MemRefType as Ref
+    kinds = {Ref.PARAM: "params", Ref.BUFFER: "other", Ref.GRAD: "grads", Ref.ACT: "activations",
+             Ref.TEMP: "temporaries", Ref.OTH: "other"}
+    out = dict.fromkeys(CATEGORIES, 0)
+    for winfo, ref, nbytes in peak_live:
+        if winfo.reftype == Ref.OPT:
+            out["optimizer_state" if ref() is not None else "temporaries"] += nbytes
+        else:
+            out[kinds[winfo.reftype]] += nbytes
+    assert sum(out.values()) == total, (out, total)
     return out
 
 
-def max_classes(device_memory, reserve=0, **kwargs) -> int:
+def _dense_parts(t: torch.Tensor) -> list:
+    """The tensors that hold ``t``'s memory: itself, or a sparse COO tensor's indices and values."""
+    return [t._indices(), t._values()] if t.is_sparse else [t]
+
+
+def _sparse_clone(t: torch.Tensor, **_kwargs) -> torch.Tensor:
+    """``t.clone()`` of a sparse COO tensor: fake kernels drop the entries, this keeps them."""
+    return torch.sparse_coo_tensor(t._indices().clone(), t._values().clone(), t.shape,
+                                   is_coalesced=t.is_coalesced(), check_invariants=False)
+
+
+def _sparse_coalesce(t: torch.Tensor) -> torch.Tensor:
+    """``t.coalesce()`` of a sparse COO tensor without duplicate rows (the head's rows are distinct):
+    fake kernels cannot know how many rows stay and keep none; the real kernel keeps all."""
+    return torch.sparse_coo_tensor(t._indices().clone(), t._values().clone(), t.shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
+def _index_add_in_place(t: torch.Tensor, dim, index, source, *, alpha=1) -> torch.Tensor:
+    """``index_add`` on a buffer just made by ``new_zeros``, done in place as without a mode."""
+    return t.index_add_(dim, index, source, alpha=alpha)
+
+
+def _as_in_a_plain_run(func, args, fresh):
+    """The op a run without a dispatch mode would run for ``func``. Two differences of a fake run:
+    fake kernels keep no entries of a sparse tensor they clone or coalesce, and while a dispatch
+    mode is active autograd formulas take functional variants (``index_select``'s backward
+    ``new_zeros(...).index_add(...)``, in place without a mode)."""
+    if func in _SPARSE_FIXES and isinstance(args[0], torch.Tensor) and args[0].is_sparse:
+        return _SPARSE_FIXES[func]
+    if func is torch.ops.aten.index_add.default and fresh is not None and args[0] is fresh():
+        return _index_add_in_place
+    return func
+
+
+_FRESH_ZEROS = (torch.ops.aten.new_zeros.default, torch.ops.aten.zeros.default)
+_SPARSE_FIXES = {torch.ops.aten.clone.default: _sparse_clone, torch.ops.aten._coalesce.default: _sparse_coalesce,
+                 torch.ops.aten.coalesce.default: _sparse_coalesce}
+
+
+def _scenario(cfg: dict, head, x, labels, opt) -> dict:
+    """Track forward, backward (and ``opt.step()``): peak, phase and what is live at the peak."""
+    tracker = _new_tracker()
+    tracker.track_external(head, *([opt] if opt is not None else []))
+    phases = []
+    with tracker:
+        loss = _forward(cfg, head, x, labels)
+        phases.append(("forward", tracker.peak_total()))
+        loss.backward()
+        phases.append(("backward", tracker.peak_total()))
+        if opt is not None:
+            opt.step()
+            phases.append(("optimizer step", tracker.peak_total()))
+    del loss
+    breakdown = tracker.breakdown()  # an optimizer tensor that is gone now was a temporary
+    phase = next(name for name, total in phases if total == tracker.peak_total())
+    return dict(peak=tracker.peak_total(), peak_phase=f"{phase} ({tracker.peak_op})", breakdown=breakdown,
+                ops=tracker.ops)
+
+
+def _result(cfg: dict, run: dict, seconds: float) -> dict:
+    """The plan dict of :func:`plan_memory` from a fake run."""
+    out, k = dict(cfg), run["sampled_classes"]
+    weights = run["step"]["breakdown"]["params"]
+    out.update(classes_local=run["classes_local"], sampled_classes=k, weights=weights,
+               chunk=k if not cfg["chunk_size"] else min(cfg["chunk_size"], k), seconds=round(seconds, 3),
+               ops=run["ops"] + run["fwd_bwd"].pop("ops") + run["step"].pop("ops"))
+    for key in ("fwd_bwd", "step"):
+        out[key] = dict(run[key], above_weights=run[key]["peak"] - weights)
+    out.update({key: out["step"][key] for key in ("peak", "breakdown", "peak_phase", "above_weights")})
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+_VERIFY_OPS = 60_000  # max_classes measures a size only when its run dispatches fewer ops (0.2-0.4 ms each)
+
+
+def max_classes(device_memory, reserve=0, details: bool = False, **kwargs):
     """Largest total ``num_classes`` whose per-rank step peak plus ``reserve`` fits in
     ``device_memory`` (bytes or a size string); 0 if not even ``world_size`` classes fit.
-    ``kwargs`` are those of :func:`plan_memory` except ``num_classes`` / ``classes_per_rank``."""
+    ``kwargs`` are those of :func:`plan_memory` except ``num_classes`` / ``classes_per_rank``.
+
+    The peak is affine in the classes per rank: measured at two sizes, solved, and the answer
+    checked by measuring it and one more class per rank (secant and bisection steps until the
+    answer fits and the next does not). A size whose run would dispatch more than
+    :data:`_VERIFY_OPS` ops (a chunked head runs its blocks one by one: 10-20 s) is not measured:
+    the answer is then the affine solution. ``details=True`` returns a dict: ``max_classes``,
+    ``classes_per_rank``, ``verified`` and the ``measured`` ``[classes per rank, peak]`` pairs.
+    """
     budget = parse_size(device_memory) - parse_size(reserve)
-    world = kwargs.get("world_size", 1)
-    kwargs.pop("num_classes", None)
-    kwargs.pop("classes_per_rank", None)
-    kwargs.pop("rank", None)
+    for key in ("num_classes", "classes_per_rank", "rank"):
+        kwargs.pop(key, None)
+    defaults = {k: p.default for k, p in inspect.signature(plan_memory).parameters.items()}
+    cfg = _config(**{**defaults, **kwargs, "num_classes": None, "classes_per_rank": 1})
+    out = _in_fresh_process("_fit", cfg=cfg, budget=budget) if _distributed_here() else _fit(cfg, budget)
+    return out if details else out["max_classes"]
 
-    def fits(n: int) -> bool:
-        return plan_memory(num_classes=n, **kwargs)["peak"] <= budget
 
-    if not fits(world):
-        return 0
-    lo, hi = world, world * 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-        if hi > 10**15:
-            raise ValueError("max_classes: no bound found (is the plan independent of the classes?)")
-    while hi - lo > 1:  # fits(lo) and not fits(hi)
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def _fit(cfg: dict, budget: int) -> dict:
+    """:func:`max_classes` for a checked configuration, in one fake process group."""
+    runs = {}  # classes per rank -> (step peak, ops dispatched)
+
+    def peak(c: int) -> int:
+        """The step peak with ``c`` classes per rank (each size measured once)."""
+        if c not in runs:
+            plan = _plan_one(dict(cfg, num_classes=c * cfg["world_size"]))
+            runs[c] = (plan["peak"], plan["ops"])
+        return runs[c][0]
+
+    with _fake_world(cfg["world_size"], 0):
+        c, verified = _largest_fitting(peak, budget, _start_sizes(cfg), lambda c: _ops(runs, c))
+    return dict(max_classes=c * cfg["world_size"], classes_per_rank=c, verified=verified,
+                measured=sorted([c, p] for c, (p, _) in runs.items()))
+
+
+def _start_sizes(cfg: dict) -> tuple[int, int]:
+    """Two classes-per-rank sizes to start from: large enough to be in the affine regime of a
+    materialized head (65 536 rows), a few blocks of a chunked one (its runs cost per block)."""
+    a = 2 ** 16 if not cfg["chunk_size"] else max(2 ** 10, min(2 ** 16, 8 * cfg["chunk_size"]))
+    return a, 2 * a
+
+
+def _ops(runs: dict, c: int) -> float:
+    """Ops a run at ``c`` classes per rank would dispatch: affine through the two largest runs."""
+    (c1, (_, n1)), (c2, (_, n2)) = sorted(runs.items())[-2:]
+    return n2 + max(0.0, (n2 - n1) / (c2 - c1)) * (c - c2)
+
+
+def _largest_fitting(peak, budget: int, sizes, cost) -> tuple[int, bool]:
+    """``(c, verified)``: the largest ``c >= 0`` with ``peak(c) <= budget`` for a nondecreasing,
+    nearly affine ``peak``. Keeps ``lo`` (fits; 0 trivially) and ``hi`` (does not) and measures
+    inside them: secant guesses, bisection after a few; done when ``hi == lo + 1``. Stops with the
+    guess, unverified, when ``cost(guess)`` exceeds :data:`_VERIFY_OPS`."""
+    lo, hi, points = 0, None, []
+    for c in sizes:
+        points.append((c, peak(c)))
+        lo, hi = _bracket(lo, hi, c, points[-1][1] <= budget)
+    while hi is None or hi - lo > 1:
+        c = _guess(points, budget, lo, hi, bisect=len(points) > 8)
+        if cost(c) > _VERIFY_OPS:
+            return c, False
+        points.append((c, peak(c)))
+        lo, hi = _bracket(lo, hi, c, points[-1][1] <= budget)
+    return lo, True
+
+
+def _bracket(lo: int, hi: Optional[int], c: int, fits: bool) -> tuple[int, Optional[int]]:
+    """``(lo, hi)`` narrowed by a measured size ``c`` that fits or not."""
+    if fits:
+        return max(lo, c), hi
+    return lo, c if hi is None else min(hi, c)
+
+
+def _guess(points, budget: int, lo: int, hi: Optional[int], bisect: bool) -> int:
+    """Next size to measure, strictly between ``lo`` and ``hi``: where the line through the last
+    two points meets ``budget`` (or the middle, or twice ``lo`` without ``hi``)."""
+    (a, pa), (b, pb) = points[-2:]
+    if bisect or pa == pb or a == b:
+        c = (lo + hi) // 2 if hi is not None else 2 * max(lo, 1)
+    else:
+        c = a + (budget - pa) * (b - a) // (pb - pa)
+    if c > 10 ** 12:
+        raise ValueError("max_classes: no bound found (is the plan independent of the classes?)")
+    c = max(c, lo + 1)
+    return c if hi is None else min(c, hi - 1)
 
 
 # ------------------------------------------------------------------------------------------
 _LABELS = {
-    "weights": "weights (C x d, param dtype)",
-    "gradient": "gradient (grad_w, casts, weight.grad)",
+    "params": "params: the weight shard (C x d)",
+    "grads": "grads: the weight gradient",
+    "activations": "activations: made in forward (logits, x^, copies)",
+    "temporaries": "temporaries: made in backward / optimizer step",
     "optimizer_state": "optimizer state",
-    "logits": "logits buffer / chunks (accumulation dtype)",
-    "mm_temporaries": "matmul-dtype copies, vecdot product",
-    "embeddings": "gathered embeddings, x^, (B, d) grads",
-    "sampled_weights": "sampled weight copy + indices",
-    "optimizer_temps": "optimizer temporaries",
-    "other": "per-class vectors, sampling scores",
+    "other": "other",
 }
 
 
 def format_plan(plan: dict) -> str:
+    """The plan as a table of what is live at the peak, per scenario."""
     lines = [
         f"classes {plan['num_classes']:,} over {plan['world_size']} rank(s): C_local = {plan['classes_local']:,}, "
         f"rows per step k = {plan['sampled_classes']:,}, block = {plan['chunk']:,}",
@@ -490,24 +622,26 @@ def format_plan(plan: dict) -> str:
         f"({plan['batch_per_rank']} per rank), params {plan['dtype']}, matmul {plan['mm_dtype']}, "
         f"embeddings {plan['embedding_dtype']}, optimizer {plan['optimizer']}"
         f"{' (sparse rows)' if plan['sparse_grad'] else ''}, device model {plan['device']}",
+        f"measured on fake tensors in {plan['seconds']:.1f} s (the real head, rank 0, fake process group)",
         "",
-        f"{'per rank, live at the peak':46s} {'fwd+bwd':>12s} {'train step':>12s}",
+        f"{'per rank, live at the peak':52s} {'fwd+bwd':>12s} {'train step':>12s}",
     ]
     for cat in CATEGORIES:
         a, b = plan["fwd_bwd"]["breakdown"][cat], plan["step"]["breakdown"][cat]
-        lines.append(f"  {_LABELS[cat]:44s} {format_bytes(a):>12s} {format_bytes(b):>12s}")
-    lines.append(f"  {'peak':44s} {format_bytes(plan['fwd_bwd']['peak']):>12s} {format_bytes(plan['peak']):>12s}")
-    lines.append(f"  {'above the weights':44s} {format_bytes(plan['fwd_bwd']['above_weights']):>12s} "
+        lines.append(f"  {_LABELS[cat]:50s} {format_bytes(a):>12s} {format_bytes(b):>12s}")
+    lines.append(f"  {'peak':50s} {format_bytes(plan['fwd_bwd']['peak']):>12s} {format_bytes(plan['peak']):>12s}")
+    lines.append(f"  {'above the weights':50s} {format_bytes(plan['fwd_bwd']['above_weights']):>12s} "
                  f"{format_bytes(plan['above_weights']):>12s}")
-    lines.append(f"  peak reached at: fwd+bwd '{plan['fwd_bwd']['peak_phase']}', step '{plan['peak_phase']}'")
+    lines.append(f"  peak reached in: fwd+bwd {plan['fwd_bwd']['peak_phase']}, step {plan['peak_phase']}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m partialfc.plan``."""
     p = argparse.ArgumentParser(
         prog="python -m partialfc.plan",
         description="Per-rank memory of a PartialFC training step, and the largest class count that fits "
-                    "a device. Derived from what partialfc/softmax.py and head.py allocate.",
+                    "a device. Measured by running the real head on fake tensors (no memory allocated).",
         epilog="example: python -m partialfc.plan --classes 10M --world-size 8 --batch-per-rank 128 "
                "--dtype bf16 --sample-rate 0.1 --optimizer sparse_sgd --device-memory 80GiB")
     g = p.add_mutually_exclusive_group()
@@ -518,20 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", "-w", type=int, default=1, help="ranks the classes are sharded over")
     p.add_argument("--batch-per-rank", "-b", type=int, default=128, help="samples per rank per step")
     p.add_argument("--sample-rate", "-r", type=float, default=1.0, help="Partial FC sample rate in (0, 1]")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_BYTES), help="parameter dtype")
-    p.add_argument("--mm-dtype", default=None, choices=sorted(DTYPE_BYTES),
-                   help="matrix-product dtype (default: --dtype; e.g. bf16 with fp32 params = autocast)")
-    p.add_argument("--embedding-dtype", default=None, choices=sorted(DTYPE_BYTES),
-                   help="dtype of the embeddings fed to the head (default: --mm-dtype)")
-    p.add_argument("--optimizer", default="sgd_momentum", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="adds the optimizer's grad + wd*p temporary")
-    p.add_argument("--chunk-size", type=int, default=None, help="PartialFC chunk_size (default: materialized)")
-    sg = p.add_mutually_exclusive_group()
-    sg.add_argument("--sparse-grad", dest="sparse_grad", action="store_true", default=None,
-                    help="sparse row gradients (default with --optimizer sparse_sgd)")
-    sg.add_argument("--dense-grad", dest="sparse_grad", action="store_false")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="memory model: CUDA allocator (default) or CPU resident set size")
+    _add_type_options(p)
     p.add_argument("--device-memory", default=None,
                    help="device memory per rank (80GiB, 40GB, ...): also print the largest class count that fits")
     p.add_argument("--reserve", default="0",
@@ -540,7 +661,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_type_options(p: argparse.ArgumentParser) -> None:
+    """The options that say how the head and its optimizer are set up."""
+    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES), help="parameter dtype")
+    p.add_argument("--mm-dtype", default=None, choices=sorted(_DTYPES),
+                   help="matrix-product dtype (default: --dtype; e.g. bf16 with fp32 params = autocast)")
+    p.add_argument("--embedding-dtype", default=None, choices=sorted(_DTYPES),
+                   help="dtype of the embeddings fed to the head (default: --mm-dtype)")
+    p.add_argument("--optimizer", default="sgd_momentum", choices=OPTIMIZERS)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay")
+    p.add_argument("--chunk-size", type=int, default=None, help="PartialFC chunk_size (default: materialized)")
+    sg = p.add_mutually_exclusive_group()
+    sg.add_argument("--sparse-grad", dest="sparse_grad", action="store_true", default=None,
+                    help="sparse row gradients (default with --optimizer sparse_sgd)")
+    sg.add_argument("--dense-grad", dest="sparse_grad", action="store_false")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="device model: CUDA (default: its row slices and foreach optimizers) or CPU")
+
+
 def main(argv=None) -> int:
+    """``python -m partialfc.plan``: print the plan (and the largest class count that fits)."""
     args = build_parser().parse_args(argv)
     kwargs = dict(embedding_size=args.embedding_size, world_size=args.world_size,
                   batch_per_rank=args.batch_per_rank, sample_rate=args.sample_rate, dtype=args.dtype,
@@ -554,23 +694,33 @@ def main(argv=None) -> int:
             plan = plan_memory(num_classes=args.classes if args.classes is not None else 1_000_000, **kwargs)
         fit = None
         if args.device_memory is not None:
-            fit = max_classes(args.device_memory, reserve=args.reserve, **kwargs)
+            fit = max_classes(args.device_memory, reserve=args.reserve, details=True, **kwargs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _print(args, plan, fit)
+    return 0
+
+
+def _print(args, plan: dict, fit: Optional[dict]) -> None:
+    """The CLI's output: JSON, or the table and the largest class count that fits."""
     if args.json:
         if fit is not None:
-            plan["max_classes"] = fit
+            plan["max_classes"], plan["max_classes_verified"] = fit["max_classes"], fit["verified"]
         print(json.dumps(plan, indent=2))
-        return 0
+        return
     print(format_plan(plan))
-    if fit is not None:
-        budget = parse_size(args.device_memory) - parse_size(args.reserve)
-        print(f"\nlargest class count that fits {format_bytes(budget)} per rank "
-              f"({args.device_memory} - reserve {args.reserve}): {fit:,} "
-              f"({_shard(fit, args.world_size, 0):,} on rank 0)" if fit else
-              f"\nnot even {args.world_size} classes fit in {format_bytes(budget)} per rank")
-    return 0
+    if fit is None:
+        return
+    budget = parse_size(args.device_memory) - parse_size(args.reserve)
+    if not fit["max_classes"]:
+        print(f"\nnot even {args.world_size} classes fit in {format_bytes(budget)} per rank")
+        return
+    how = ("measured there and one class per rank more" if fit["verified"] else
+           "solved from the runs at " + ", ".join(f"{c:,}" for c, _ in fit["measured"]) + " classes per rank "
+           "(a run at the answer would take too long)")
+    print(f"\nlargest class count that fits {format_bytes(budget)} per rank ({args.device_memory} - reserve "
+          f"{args.reserve}): {fit['max_classes']:,} ({fit['classes_per_rank']:,} per rank; {how})")
 
 
 if __name__ == "__main__":
