@@ -159,6 +159,8 @@ def export_onnx(
 
     The module's train/eval mode is restored afterwards; it is exported on its
     current device (the example input is created there).
+
+    Longer than a screen: mostly the docstring and the exporter's arguments, kept together.
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

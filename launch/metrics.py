@@ -310,6 +310,8 @@ def identification_top1(
         dict with ``top1`` (NaN if there are no probes), ``n_correct``,
         ``n_probes``, ``n_gallery``, ``n_excluded_probes`` and
         ``n_missing_identities`` (identities with samples but no gallery entry).
+
+    Longer than a screen: mostly the docstring; gallery and probe selection share one mask.
     """
     e = _l2n(embeddings)  # (N, D)
     labels = np.asarray(labels).reshape(-1)

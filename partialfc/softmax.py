@@ -136,6 +136,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_global, weight, target, valid, margin: CombinedMargin, group: ProcessGroup,
                 chunk_size: Optional[int], mm_dtype: torch.dtype):
+        """The module docstring's forward, top to bottom (longer than a screen on purpose: the
+        in-place buffer handling is easiest to check when read in one piece)."""
         acc = _accumulation_dtype(mm_dtype)
         device_type = x_global.device.type
         with torch.autocast(device_type, enabled=False):

@@ -269,6 +269,8 @@ def prepare_glyphs(
         seed: seed of the dedupe character sample.
         force: rebuild even if the cache exists.
         progress: show progress bars (download, probe, render) on stderr.
+
+    Longer than a screen: the steps run in order and share the cache paths; each step is a call.
     """
     t0 = time.perf_counter()
     name, chars = _resolve_charset(charset)
