@@ -1,6 +1,7 @@
 """partialfc: an exact, model-parallel combined-margin softmax head with Partial FC sampling."""
 from .margin import CombinedMargin
 from .head import HeadStats, PartialFC
+from .predict import sharded_topk
 from .partition import owner_of, shard_bounds, shard_sizes
 from .softmax import MarginSoftmaxCrossEntropy, margin_softmax_cross_entropy
 from .collectives import gather_embeddings
@@ -15,6 +16,7 @@ __all__ = [
     "CombinedMargin",
     "PartialFC",
     "HeadStats",
+    "sharded_topk",
     "shard_bounds",
     "shard_sizes",
     "owner_of",

@@ -247,6 +247,17 @@ class PartialFC(nn.Module):
             return loss, HeadStats(max_logit=stats[0], target_logit=stats[1], target_cos=stats[2], valid=valid)
         return loss
 
+    def predict(self, embeddings: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, class_ids)``: for each local row, the ``k`` classes of largest cosine over all
+        ranks (no margin), best first, ties to the lower class id: (B_local, k) float32 and int64.
+        Collective: every rank of the group calls it (a rank may pass an empty batch)."""
+        from .predict import sharded_topk
+        self._check_group()
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError("PartialFC.predict: embeddings must be a tensor")
+        return sharded_topk(embeddings.detach(), self.weight.detach(), self.class_start, self.num_classes, k,
+                            self.group)
+
     def _mm_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
         device_type = embeddings.device.type
         if torch.is_autocast_enabled(device_type):
