@@ -1,5 +1,6 @@
 """partialfc: an exact, model-parallel combined-margin softmax head with Partial FC sampling."""
 from .margin import CombinedMargin
+from .adaface import AdaFace
 from .head import HeadStats, PartialFC
 from .predict import sharded_topk
 from .partition import owner_of, shard_bounds, shard_sizes
@@ -14,6 +15,7 @@ from .state import (OptimizerCheckpoint, consolidate_optimizer_state, consolidat
 
 __all__ = [
     "CombinedMargin",
+    "AdaFace",
     "PartialFC",
     "HeadStats",
     "sharded_topk",

@@ -78,7 +78,8 @@ class PartialFC(nn.Module):
     Args:
         embedding_size: width ``d`` of the embeddings.
         num_classes: total number of classes over all ranks of ``group``.
-        margin: a :class:`CombinedMargin` (default: ArcFace, s=64, m=0.5).
+        margin: a :class:`CombinedMargin` (default: ArcFace, s=64, m=0.5), or a per-row margin module
+            such as :class:`partialfc.AdaFace` (its running statistics are buffers of the head).
         sample_rate: share of each shard's classes used per step (Partial FC); 1.0 = all.
         group: process group the classes are sharded over; ``None`` = the default group when
             ``torch.distributed`` is initialised, else a single rank (a plain one-device head).
@@ -130,8 +131,9 @@ class PartialFC(nn.Module):
             raise ValueError(f"PartialFC: chunk_size must be a positive int or None, got {chunk_size!r}")
         if margin is None:
             margin = CombinedMargin.arcface()
-        if not isinstance(margin, CombinedMargin):
-            raise TypeError(f"PartialFC: margin must be a CombinedMargin, got {type(margin).__name__}")
+        if not isinstance(margin, CombinedMargin) and not callable(getattr(margin, "for_batch", None)):
+            raise TypeError("PartialFC: margin must be a CombinedMargin or a per-row margin module with "
+                            f"for_batch(x_global, valid) (e.g. AdaFace), got {type(margin).__name__}")
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.margin, self.sample_rate, self.group = margin, float(sample_rate), group
         self.ignore_index, self.chunk_size, self.sparse_grad = int(ignore_index), chunk_size, bool(sparse_grad)
@@ -240,7 +242,10 @@ class PartialFC(nn.Module):
         else:
             self.sampled_index = None
 
-        loss, stats = margin_softmax_cross_entropy(x_global, weight, target, valid, self.margin, self.group,
+        # a per-row margin (e.g. AdaFace) is fixed for this batch here, once, from the global batch:
+        # for_batch returns an object with ``s`` and ``psi_and_grad(cos_y)`` giving each row its own values
+        margin = self.margin if isinstance(self.margin, CombinedMargin) else self.margin.for_batch(x_global, valid)
+        loss, stats = margin_softmax_cross_entropy(x_global, weight, target, valid, margin, self.group,
                                                    self.chunk_size, self._mm_dtype(embeddings))
         self.step += 1
         if return_stats:
