@@ -1,6 +1,7 @@
 """partialfc: an exact, model-parallel combined-margin softmax head with Partial FC sampling."""
 from .margin import CombinedMargin
 from .adaface import AdaFace
+from .curricularface import CurricularFace
 from .head import HeadStats, PartialFC
 from .predict import sharded_topk
 from .partition import owner_of, shard_bounds, shard_sizes
@@ -16,6 +17,7 @@ from .state import (OptimizerCheckpoint, consolidate_optimizer_state, consolidat
 __all__ = [
     "CombinedMargin",
     "AdaFace",
+    "CurricularFace",
     "PartialFC",
     "HeadStats",
     "sharded_topk",

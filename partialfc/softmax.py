@@ -57,15 +57,32 @@ def safe_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xhat, torch.where(nonzero, n * peak, _NORM_EPS)
 
 
-def _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc):
-    """Scaled logits of classes [c0, c1) with the target entries replaced: (B, c1 - c0) in ``acc``."""
+def _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg=None):
+    """Scaled logits of classes [c0, c1) with the target entries replaced: ``(z, factor)``, z
+    (B, c1 - c0) in ``acc``. With ``neg`` (a margin that reshapes hard negatives, CurricularFace) the
+    non-target entries with cos > neg.thr become s cos (t + cos), and ``factor`` (B, cb) holds
+    d(logit)/d(s cos) of every entry for the backward; else ``factor`` is None."""
     z = torch.mm(xhat_mm, w_mm[c0:c1].t())  # (B, cb)
     if z.dtype != acc:
         z = z.to(acc)
     z.mul_(col_scale[c0:c1])
+    factor = None
+    if neg is not None and z.shape[0]:
+        z, factor = _hard_negatives(z, target, c0, c1, neg)
     if z.shape[0]:
         _put_target(z, target, c0, c1, lambda old: logit_t)
-    return z
+    return z, factor
+
+
+def _hard_negatives(z, target, c0, c1, neg):
+    """``s cos_j -> s cos_j (t + cos_j)`` where ``cos_j > thr_i`` (not on the target): (z, factor)."""
+    cos = z / neg.s  # (B, cb)
+    hard = cos > neg.thr.unsqueeze(1)
+    in_block = (target >= c0) & (target < c1)  # the target entry is replaced by the margin logit
+    col = (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
+    hard.scatter_(1, col, hard.gather(1, col) & ~in_block.unsqueeze(1))
+    factor = torch.where(hard, neg.t + 2 * cos, torch.ones_like(cos))
+    return torch.where(hard, z * (neg.t + cos), z), factor
 
 
 def _put_target(z, target, c0, c1, new_value):
@@ -153,6 +170,10 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             cos_t = (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0)
             psi, dpsi = margin.psi_and_grad(cos_t)
             logit_t = (s * psi).to(acc)
+            neg = None
+            if hasattr(margin, "negatives"):  # every rank needs each row's threshold: one extra (B,) all-reduce
+                cos_all = all_reduce_(torch.where(owned, cos_t, 0.0), "sum", group)
+                neg = margin.negatives(cos_all, valid)
             xhat_mm = xhat.to(mm_dtype)
             w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
             col_scale = inv_norm * s
@@ -161,7 +182,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             m_local = s_local = None
             for c0 in range(0, num_local, chunk):
                 c1 = min(c0 + chunk, num_local)
-                z = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc)
+                z, _ = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg)
                 m_blk = z.amax(dim=1)  # (B,)
                 if m_local is None:
                     m_local = m_blk
@@ -172,8 +193,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     z.sub_(m_new.unsqueeze(1)).exp_()
                     s_local = s_local * torch.exp(m_local - m_new) + z.sum(dim=1)
                     m_local = m_new
-                if chunk == num_local:
-                    buffer = z  # exp(z - m_local), kept for backward
+                if chunk == num_local and neg is None:
+                    buffer = z  # exp(z - m_local), kept for backward (hard negatives recompute instead)
                 del z  # chunked: free this block before the next one is formed
             m_global = all_reduce_(m_local.clone(), "max", group)
             stats = torch.stack([s_local * torch.exp(m_local - m_global),
@@ -185,7 +206,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             row_loss = torch.where(valid, torch.log(sum_exp) + m_global - t_global, 0.0)
             loss = row_loss.sum() / n_valid
 
-        ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc = s, chunk, mm_dtype, acc
+        ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc, ctx.neg = s, chunk, mm_dtype, acc, neg
         ctx.x_dtype = x_global.dtype
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
                               sum_exp, n_valid, logit_t)
@@ -219,8 +240,10 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 col_scale = inv_norm * s
                 for c0 in range(0, num_local, chunk):
                     c1 = min(c0 + chunk, num_local)
-                    z = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc)
+                    z, factor = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, ctx.neg)
                     z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
+                    if factor is not None:
+                        z.mul_(factor)
                     _grad_block(z, c0, c1, parts)
                     del z
             # through x^ = x / |x|: (g - (g . x^) x^) / |x|
