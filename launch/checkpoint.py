@@ -164,6 +164,8 @@ def _head_state(head, head_optimizer) -> dict:
     return {
         "class_start": head.class_start, "class_end": head.class_end,
         "weight": head.weight.detach().cpu(), "head_step": head.step,
+        # a margin with running statistics (AdaFace, CurricularFace): the same on every rank
+        "margin_state": _cpu(head.margin.state_dict()) if isinstance(head.margin, torch.nn.Module) else {},
         "optimizer_state": _cpu(opt["state"].get(index, {})),
         "optimizer_weight_index": index,
         "optimizer_other_state": {i: _cpu(v) for i, v in opt["state"].items() if i != index},
@@ -296,6 +298,8 @@ def load_checkpoint(path: Path | str, *, backbone: torch.nn.Module, head, backbo
         head.weight.copy_(weight)
     own = _load(path / f"head_rank{group_rank() if same_layout else 0}.pt", mmap=True)
     head.step = int(own["head_step"])
+    if own.get("margin_state") and isinstance(head.margin, torch.nn.Module):
+        head.margin.load_state_dict(own["margin_state"])
     if head_optimizer is not None:
         _load_head_optimizer(head_optimizer, head, own, opt_state, param_groups)
     if same_layout:

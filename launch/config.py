@@ -278,11 +278,14 @@ class HeadConfig(_Section):
     """``head:`` section: margin softmax head and Partial FC sampling."""
 
     section: ClassVar[str] = "head"
-    margin: Literal["arcface", "cosface", "sphereface", "combined", "softmax"] = "arcface"
+    margin: Literal["arcface", "cosface", "sphereface", "combined", "softmax", "adaface", "curricularface"] = "arcface"
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
+    m: Optional[float] = None  # adaface (default 0.4) / curricularface (default 0.5) margin
+    h: float = 0.333  # adaface: how strongly the norm steers the margin
+    t_alpha: float = 0.01  # adaface / curricularface: momentum of the running statistics
     extension: Literal["monotonic", "linear", "none"] = "monotonic"
     straight_through: bool = False
     sample_rate: float = 1.0
@@ -291,9 +294,9 @@ class HeadConfig(_Section):
     seed: int = 0
 
     def validate(self) -> None:
-        from partialfc import CombinedMargin
+        from partialfc import margin_from_config
         try:  # the margin's own checks, in one place
-            CombinedMargin.from_config(self)
+            margin_from_config(self)
         except ValueError as err:
             raise ConfigError(f"head: {err}") from None
         _check(0.0 < self.sample_rate <= 1.0, "head", "sample_rate", "be in (0, 1]", self.sample_rate)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from partialfc import CombinedMargin
+from partialfc import CombinedMargin, margin_from_config
 
 from launch.config import TrainConfig
 
@@ -16,5 +16,6 @@ def write_outputs(out: Path, history, snapshots, cfg: TrainConfig, summary) -> N
     plot_curves(history, out / "curves.png")
     if snapshots:
         plot_theta_distributions({k: v.numpy() for k, v in sorted(snapshots.items())}, out / "theta.png")
-    configured = CombinedMargin.from_config(cfg.head)
+    configured = margin_from_config(cfg.head)  # a per-row margin (AdaFace, ...) has no single curve
+    configured = configured if isinstance(configured, CombinedMargin) else None
     plot_margin_curves(reference_margin_curves(configured, f"configured ({cfg.head.margin})"), out / "margins.png")

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from partialfc import CombinedMargin, HeadStats, PartialFC, SparseSGD, clip_grad_norm_
+from partialfc import HeadStats, PartialFC, SparseSGD, clip_grad_norm_, margin_from_config
 
 from launch.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from launch.config import TrainConfig
@@ -158,7 +158,7 @@ class Trainer:
         self.backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.data.in_channels,
                                        cfg.data.image_size, dropout=cfg.model.dropout)
         self.head = PartialFC(cfg.model.embedding_size, self.data.num_classes,
-                              margin=CombinedMargin.from_config(cfg.head), sample_rate=cfg.head.sample_rate,
+                              margin=margin_from_config(cfg.head), sample_rate=cfg.head.sample_rate,
                               chunk_size=cfg.head.chunk_size, sparse_grad=cfg.head.sparse_grad, seed=cfg.head.seed,
                               device=self.device)
         self.opt_b, self.opt_h = build_optimizers(cfg, self.backbone, self.head)

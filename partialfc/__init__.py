@@ -2,6 +2,7 @@
 from .margin import CombinedMargin
 from .adaface import AdaFace
 from .curricularface import CurricularFace
+from .factory import margin_from_config
 from .head import HeadStats, PartialFC
 from .predict import sharded_topk
 from .partition import owner_of, shard_bounds, shard_sizes
@@ -18,6 +19,7 @@ __all__ = [
     "CombinedMargin",
     "AdaFace",
     "CurricularFace",
+    "margin_from_config",
     "PartialFC",
     "HeadStats",
     "sharded_topk",
