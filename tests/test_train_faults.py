@@ -136,6 +136,20 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def _wait_for_port(port: int, proc, timeout: float = 120.0) -> None:
+    """Until something listens on 127.0.0.1:port (the agent that started the c10d rendezvous store)."""
+    import socket
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the first agent exited before it opened the rendezvous store")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -144,12 +158,13 @@ def _free_port() -> int:
 
 
 def test_elastic_shrink_to_one_node_finishes_every_step(tmp_path):
-    """Two torchrun agents ("nodes", elastic --nnodes=1:2); one node dies (agent and worker killed).
+    """Two torchrun agents ("nodes", elastic --nnodes=1:2); one node dies (agent and worker killed; the
+    agent that hosts the rendezvous store survives, as the node of the rendezvous endpoint does on a cluster).
     The survivor re-rendezvouses with world 1, resumes from the last checkpoint re-sharded from 2 ranks
     and finishes every step — before the fix every restart died with 'yields no batch of 16 x 1 ranks'."""
     out, port = tmp_path / "run", _free_port()
     first = _agent(out, port, "shrink", tmp_path / "a.log", "40")
-    time.sleep(0.3)  # both join the first round (last_call_timeout 5 s): growing mid-run is not asked for
+    _wait_for_port(port, first)  # the survivor hosts the rendezvous store: it must bind the port first
     second = _agent(out, port, "shrink", tmp_path / "b.log", "40")
     try:
         _wait_for_step(out / "train_rank0.log", 12, first, timeout=180)
