@@ -56,19 +56,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _all_reduce_flag(flag: bool, device, op) -> bool:
+def any_rank(flag: bool, device="cpu") -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce MAX; no collective
+    on a single rank)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=op)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def all_ranks_agree(flag: bool, device="cpu") -> bool:
-    """True on every rank when ``flag`` is true on every rank (one tiny all-reduce MIN)."""
-    return _all_reduce_flag(flag, device, dist.ReduceOp.MIN)
-
-
-def any_rank(flag: bool, device="cpu") -> bool:
-    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce MAX)."""
-    return _all_reduce_flag(flag, device, dist.ReduceOp.MAX)

@@ -116,7 +116,7 @@ def _after_step(trainer, cadence, result, grad_norm) -> bool:
         t.evaluate()
     if cfg.train.ckpt_every and t.step % cfg.train.ckpt_every == 0 and t.step < t.total_steps:
         t.save()
-    if t.world > 1 and any_rank(t.stop_requested, t.device) or t.world == 1 and t.stop_requested:
+    if any_rank(t.stop_requested, t.device):
         t.stop_requested = True
         if t.step < t.total_steps:
             t.save()

@@ -48,6 +48,18 @@ def all_gather_rows(x: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor
     return out
 
 
+def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group: ProcessGroup = None) -> torch.Tensor:
+    """All ranks' ``x`` (sizes[r], ...) stacked rank-major: (sum(sizes), ...). The rows are padded to
+    ``max(sizes)`` for one all-gather and the padding dropped. No autograd."""
+    if not is_distributed(group):
+        return x
+    b_max = max(sizes)
+    padded = x.new_zeros((b_max,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    gathered = all_gather_rows(padded, group)
+    return torch.cat([gathered[r * b_max: r * b_max + b] for r, b in enumerate(sizes)])
+
+
 def all_reduce_(x: torch.Tensor, op: str, group: ProcessGroup = None) -> torch.Tensor:
     """In-place all-reduce of ``x`` with ``op`` in {"sum", "max"}; returns ``x``. No autograd."""
     if is_distributed(group):

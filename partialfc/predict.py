@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .collectives import ProcessGroup, all_gather_rows, group_rank, group_size, is_distributed
+from .collectives import ProcessGroup, all_gather_rows, all_gather_uneven, group_rank, group_size, is_distributed
 
 
 def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,15 +24,6 @@ def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tens
     scores, ids = scores.gather(1, order), ids.gather(1, order)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # ... then by score
     return scores.gather(1, order), ids.gather(1, order)
-
-
-def _gather_padded(x: torch.Tensor, sizes: list[int], group: ProcessGroup, fill: float = 0.0) -> torch.Tensor:
-    """All ranks' ``x`` (B_r, ...) stacked rank-major: (sum B_r, ...); one all-gather of the padded rows."""
-    b_max = max(sizes)
-    padded = x.new_full((b_max,) + tuple(x.shape[1:]), fill)
-    padded[: x.shape[0]] = x
-    gathered = all_gather_rows(padded, group)
-    return torch.cat([gathered[r * b_max: r * b_max + b] for r, b in enumerate(sizes)])
 
 
 def local_topk(x_global: torch.Tensor, weight: torch.Tensor, class_start: int, k: int,
@@ -68,7 +59,7 @@ def sharded_topk(embeddings: torch.Tensor, weight: torch.Tensor, class_start: in
     if not is_distributed(group):
         return local_topk(embeddings, weight, class_start, k_local, chunk)
     sizes = [b for b, _ in records]
-    x_global = _gather_padded(embeddings, sizes, group)  # (B, d)
+    x_global = all_gather_uneven(embeddings, sizes, group)  # (B, d)
     scores, ids = local_topk(x_global, weight, class_start, k_local, chunk)  # (B, k_local)
     if k_local < k:  # a small shard: pad its candidates so every rank sends (B, k)
         pad = k - k_local

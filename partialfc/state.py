@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from .collectives import all_gather_rows, group_size, is_distributed
+from .collectives import all_gather_uneven, group_size
 from .partition import shard_sizes
 
 FORMAT = 1
@@ -144,13 +144,8 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def gather_rows(head, rows: torch.Tensor) -> torch.Tensor:
     """Collective over the head's group: this rank's ``rows`` (C_local, ...) -> all classes' (C, ...) on CPU."""
-    if not is_distributed(head.group):
-        return rows.detach().cpu()
     sizes = shard_sizes(head.num_classes, group_size(head.group))
-    padded = rows.detach().new_zeros((max(sizes),) + tuple(rows.shape[1:]))
-    padded[: rows.shape[0]] = rows.detach()
-    gathered = all_gather_rows(padded, head.group).cpu()  # (W * max, ...)
-    return torch.cat([gathered[r * max(sizes): r * max(sizes) + n] for r, n in enumerate(sizes)])
+    return all_gather_uneven(rows.detach(), sizes, head.group).cpu()
 
 
 def consolidate_state_dict(model: nn.Module, state_dict: Optional[dict] = None) -> dict:

@@ -14,7 +14,6 @@ by Lightning itself (``python examples/lightning_example.py``) or by torchrun.
 """
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 pytest.importorskip("lightning")
 
 from tests.dist_utils import run_distributed  # noqa: E402
+from tests.test_train_e2e import run_cmd as e2e_run_cmd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "lightning_example.py"
@@ -35,16 +35,8 @@ CLASSES, BATCHES, EPOCHS = 51, 6, 2  # 51 classes: uneven shards [0, 26) and [26
 
 
 def run_cmd(cmd, timeout=TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run in a new session; on timeout kill the whole process group (rank 1 / torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {cmd}\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """tests.test_train_e2e's runner (own session, killed as a group on timeout) with this file's env."""
+    return e2e_run_cmd(cmd, timeout=timeout, env=ENV)
 
 
 def example(*args, torchrun=False, check=True) -> subprocess.CompletedProcess:
