@@ -57,7 +57,8 @@ import importlib
 
 # loaded on first use, so that ``benchmarks.runner`` (which tests/dist_utils uses) imports
 # neither the heads nor the planner
-_EXPORTS = {"BenchConfig": "config", "DTYPES": "config", "VARIANTS": "config", "memory_worker": "memory"}
+_EXPORTS = {"BenchConfig": "config", "DTYPES": "config", "VARIANTS": "config", "DEFAULT_VARIANTS": "config",
+            "memory_worker": "memory"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import benchmarks
 
-from .config import DTYPES, VARIANTS, BenchConfig
+from .config import DEFAULT_VARIANTS, DTYPES, VARIANTS, BenchConfig
 from .memory import measure_memory_cpu, predict
 from .report import format_figure, machine_info, markdown_table, summary, write_outputs
 from .runner import run_group
@@ -39,8 +39,8 @@ def _add_shape_options(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameters and embeddings")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="run the head's forward under torch.autocast with this dtype")
-    p.add_argument("--variants", type=str, default=",".join(VARIANTS), help="comma-separated subset of " +
-                   ", ".join(VARIANTS))
+    p.add_argument("--variants", type=str, default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated subset of {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
 
 
 def _add_run_options(p: argparse.ArgumentParser):

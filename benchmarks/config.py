@@ -5,7 +5,12 @@ from dataclasses import dataclass
 
 import torch
 
-VARIANTS = ("materialized", "chunked", "sampled_dense", "sampled_sparse", "baseline")
+#: what a run measures unless ``--variants`` says otherwise
+DEFAULT_VARIANTS = ("materialized", "chunked", "sampled_dense", "sampled_sparse", "baseline")
+#: every variant: the default ones and the margins beyond the combined one (materialized, like the first)
+MARGIN_VARIANTS = ("adaface", "curricularface", "subcenter")
+VARIANTS = DEFAULT_VARIANTS + MARGIN_VARIANTS
+SUB_CENTERS = 3  # rows per class of the subcenter variant
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MiB = 2 ** 20
 

@@ -20,7 +20,7 @@ import torch
 
 from partialfc.plan import plan_memory
 
-from .config import MiB, BenchConfig, nbytes
+from .config import SUB_CENTERS, MiB, BenchConfig, nbytes
 from .runner import run_group
 from .variants import Case
 
@@ -154,8 +154,9 @@ def measure_memory_cuda(case: Case, device, steps: int = 2) -> dict:
 
 
 def predict(cfg: BenchConfig, variant: str, device: str) -> Optional[dict]:
-    """The planner's prediction for a variant (None for the baseline head)."""
-    if variant == "baseline":
+    """The planner's prediction for a variant (None for the baseline head and the margins the
+    planner does not model: AdaFace, CurricularFace)."""
+    if variant in ("baseline", "adaface", "curricularface"):
         return None
     return plan_memory(classes_per_rank=cfg.classes_per_rank, embedding_size=cfg.embedding_size,
                        world_size=cfg.world_size, batch_per_rank=cfg.batch_per_rank,
@@ -163,4 +164,5 @@ def predict(cfg: BenchConfig, variant: str, device: str) -> Optional[dict]:
                        dtype=cfg.dtype, mm_dtype=cfg.mm_dtype, embedding_dtype=cfg.dtype,
                        optimizer="sparse_sgd" if variant == "sampled_sparse" else "sgd_momentum",
                        chunk_size=cfg.chunk_size if variant == "chunked" else None,
-                       sparse_grad=variant == "sampled_sparse", device=device)
+                       sparse_grad=variant == "sampled_sparse", device=device,
+                       sub_centers=SUB_CENTERS if variant == "subcenter" else 1)

@@ -63,9 +63,13 @@ def round_ratio(a: dict, b: dict, key: str) -> float:
 def _figures_at(c: int, v: dict) -> list[dict]:
     """The summary figures of one class count (``v``: variant -> row)."""
     out = []
-    for variant in ("materialized", "chunked"):
+    for variant in ("materialized", "chunked", "adaface", "curricularface", "subcenter"):
         if variant in v:
             out.append(dict(C=c, name=f"{variant} eta (fwd+bwd)", value=v[variant]["eta"]))
+    for variant in ("adaface", "curricularface", "subcenter"):
+        if variant in v and "materialized" in v:  # the price of the margin beyond ArcFace's, same shapes
+            out.append(dict(C=c, name=f"{variant} fwd+bwd / materialized (ArcFace) fwd+bwd",
+                            value=round_ratio(v[variant], v["materialized"], "t_fb")))
     if "chunked" in v and "materialized" in v and v["materialized"].get("mem_fb"):
         out.append(dict(C=c, name="chunked / materialized memory above the weights (fwd+bwd)",
                         value=v["chunked"]["mem_fb"] / v["materialized"]["mem_fb"]))

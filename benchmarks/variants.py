@@ -8,6 +8,11 @@ compared with, and the bare matrix products of the same shapes (the numerator of
     baseline        BaselineHead: autograd all-gather, F.normalize of x and W, full logits,
                     acos/cos over the whole matrix, softmax cross-entropy from torch ops with
                     all-reduces (F.cross_entropy on one rank)
+    adaface         PartialFC(margin=AdaFace()): per-row margins from the global batch's norms
+    curricularface  PartialFC(margin=CurricularFace()): hard negatives reshaped; one more (B,) all-reduce,
+                    logits recomputed in backward
+    subcenter       PartialFC(sub_centers=3), ArcFace: 3 rows per class, each class's nearest row
+                    (its products have 3 C_local rows: eta is measured against those)
 """
 from __future__ import annotations
 
@@ -18,11 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from partialfc import CombinedMargin, PartialFC, shard_bounds
+from partialfc import AdaFace, CombinedMargin, CurricularFace, PartialFC, shard_bounds
 from partialfc.collectives import group_rank, group_size, is_distributed
 from partialfc.optim import SparseSGD
 
-from .config import DTYPES, VARIANTS, BenchConfig
+from .config import DTYPES, SUB_CENTERS, VARIANTS, BenchConfig
 
 # torch 2.13 renamed the tensor forms of these collectives; the GPU machines run 2.11
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -113,9 +118,13 @@ def build_head(variant: str, cfg: BenchConfig, device, group=None) -> nn.Module:
         return BaselineHead(d, n, group=group, device=device, dtype=dtype)
     options = {"materialized": {}, "chunked": dict(chunk_size=cfg.chunk_size),
                "sampled_dense": dict(sample_rate=cfg.sample_rate),
-               "sampled_sparse": dict(sample_rate=cfg.sample_rate, sparse_grad=True)}[variant]
-    return PartialFC(d, n, margin=CombinedMargin.arcface(s=64.0, m=0.5), group=group, validate=cfg.validate,
-                     uniform_batch=True, seed=cfg.seed, device=device, dtype=dtype, **options)
+               "sampled_sparse": dict(sample_rate=cfg.sample_rate, sparse_grad=True),
+               "adaface": dict(margin=AdaFace(s=64.0, m=0.4)),
+               "curricularface": dict(margin=CurricularFace(s=64.0, m=0.5)),
+               "subcenter": dict(sub_centers=SUB_CENTERS)}[variant]
+    options.setdefault("margin", CombinedMargin.arcface(s=64.0, m=0.5))
+    return PartialFC(d, n, group=group, validate=cfg.validate, uniform_batch=True, seed=cfg.seed, device=device,
+                     dtype=dtype, **options)
 
 
 def build_optimizer(variant: str, head: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:

@@ -214,7 +214,8 @@ def save_checkpoint(root: Path | str, step: int, *, backbone: torch.nn.Module, h
         gathered = [mine]
     if rank == 0:
         meta = {"step": step, "world_size": world, "num_classes": head.num_classes,
-                "embedding_size": head.embedding_size, "shards": [[s, e] for s, e, _ in gathered],
+                "embedding_size": head.embedding_size, "sub_centers": head.sub_centers,
+                "shards": [[s, e] for s, e, _ in gathered],
                 "config": config, "digest": "crc32",
                 "files": dict(sorted((k, v) for _, _, f in gathered for k, v in f.items()))}
         _commit(root, tmp, final, meta, keep)
@@ -238,12 +239,16 @@ def _per_row(value: Any, weight_shape: torch.Size) -> bool:
 
 
 def _reshard_rows(path: Path, meta: dict, start: int, end: int, weight: torch.Tensor):
-    """This rank's rows [start, end) of the weight and of every per-row optimizer tensor."""
+    """This rank's classes [start, end): their rows of the weight and of every per-row optimizer
+    tensor (``sub_centers`` consecutive rows per class)."""
+    k = int(meta.get("sub_centers", 1))
+    start, end = start * k, end * k
     rows = end - start
     new_weight = torch.empty(rows, weight.shape[1], dtype=weight.dtype)
     opt_state: dict[str, Any] = {}
     param_groups = None
     for old_rank, (s, e) in enumerate(meta["shards"]):
+        s, e = s * k, e * k
         lo, hi = max(s, start), min(e, end)
         if lo >= hi and old_rank != 0:  # shard 0 is always read: it carries the param groups
             continue
@@ -284,9 +289,11 @@ def load_checkpoint(path: Path | str, *, backbone: torch.nn.Module, head, backbo
     Does not verify the files: pick ``path`` with :func:`resolve_resume`, which does."""
     path = Path(path)
     meta = read_meta(path)
-    if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size:
-        raise ValueError(f"checkpoint {path} has {meta['num_classes']} classes x {meta['embedding_size']}, "
-                         f"the head {head.num_classes} x {head.embedding_size}")
+    if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size \
+            or int(meta.get("sub_centers", 1)) != head.sub_centers:
+        raise ValueError(f"checkpoint {path} has {meta['num_classes']} classes x {meta['embedding_size']} with "
+                         f"{meta.get('sub_centers', 1)} sub-center(s) per class, the head {head.num_classes} x "
+                         f"{head.embedding_size} with {head.sub_centers}")
     backbone.load_state_dict(_load(path / "backbone.pt"))
     trainer = _load(path / "trainer.pt")
     if backbone_optimizer is not None:

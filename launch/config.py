@@ -292,6 +292,7 @@ class HeadConfig(_Section):
     chunk_size: Optional[int] = None
     sparse_grad: bool = False
     seed: int = 0
+    sub_centers: int = 1  # sub-center ArcFace: rows per class (any margin); 1 = one row per class
 
     def validate(self) -> None:
         from partialfc import margin_from_config
@@ -301,6 +302,7 @@ class HeadConfig(_Section):
             raise ConfigError(f"head: {err}") from None
         _check(0.0 < self.sample_rate <= 1.0, "head", "sample_rate", "be in (0, 1]", self.sample_rate)
         self._at_least("chunk_size", 1, optional=True)
+        self._at_least("sub_centers", 1)
 
 
 @dataclass

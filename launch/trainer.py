@@ -120,6 +120,15 @@ def set_threads(cfg: TrainConfig, world: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
 
+def build_head(cfg, num_classes: int, group=None, device=None) -> PartialFC:
+    """The run's head from its config (``cfg.model.embedding_size`` and the ``head:`` section): the
+    one place the trainer, the evaluation and the checkpoint tools build it."""
+    h = cfg.head
+    return PartialFC(cfg.model.embedding_size, num_classes, margin=margin_from_config(h),
+                     sample_rate=h.sample_rate, chunk_size=h.chunk_size, sparse_grad=h.sparse_grad, seed=h.seed,
+                     sub_centers=h.sub_centers, group=group, device=device)
+
+
 class Trainer:
     """One training job. ``Trainer(cfg).fit()`` runs it; the parts are separate methods."""
 
@@ -157,10 +166,7 @@ class Trainer:
         cfg = self.cfg
         self.backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.data.in_channels,
                                        cfg.data.image_size, dropout=cfg.model.dropout)
-        self.head = PartialFC(cfg.model.embedding_size, self.data.num_classes,
-                              margin=margin_from_config(cfg.head), sample_rate=cfg.head.sample_rate,
-                              chunk_size=cfg.head.chunk_size, sparse_grad=cfg.head.sparse_grad, seed=cfg.head.seed,
-                              device=self.device)
+        self.head = build_head(cfg, self.data.num_classes, device=self.device)
         self.opt_b, self.opt_h = build_optimizers(cfg, self.backbone, self.head)
         self.model = wrap_backbone(self.backbone, self.device, self.world)
 

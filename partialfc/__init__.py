@@ -5,6 +5,7 @@ from .curricularface import CurricularFace
 from .factory import margin_from_config
 from .head import HeadStats, PartialFC
 from .predict import sharded_topk
+from .subcenter import angles_to_dominant, clean_sub_centers, keep_dominant, sub_center_counts
 from .partition import owner_of, shard_bounds, shard_sizes
 from .softmax import MarginSoftmaxCrossEntropy, margin_softmax_cross_entropy
 from .collectives import gather_embeddings
@@ -23,6 +24,10 @@ __all__ = [
     "PartialFC",
     "HeadStats",
     "sharded_topk",
+    "sub_center_counts",
+    "angles_to_dominant",
+    "keep_dominant",
+    "clean_sub_centers",
     "shard_bounds",
     "shard_sizes",
     "owner_of",

@@ -95,6 +95,10 @@ class PartialFC(nn.Module):
         uniform_batch: promise that every rank passes the same batch size every step; with
             ``validate=False`` this removes the last host sync.
         embedding_grad_scale: factor on the embeddings' gradient; default the group size.
+        sub_centers: ``k`` rows per class (sub-center ArcFace, with any margin): class ``c`` owns rows
+            ``c*k ... c*k + k - 1`` of the weight (all on one rank); a class's cosine is the largest of
+            its rows', the margin applies to it and its gradient goes to that row only. Sampling picks
+            classes (all k rows of each). See :mod:`partialfc.subcenter` for the cleaning step.
 
     Returns ``loss``: the mean over the global batch (all ranks, ``ignore_index`` rows excluded)
     of the cross-entropy over all classes, identical on every rank (0 if no row counts).
@@ -120,9 +124,10 @@ class PartialFC(nn.Module):
                  chunk_size: Optional[int] = None, sparse_grad: bool = False, seed: int = 0,
                  validate: bool = True, uniform_batch: bool = False,
                  embedding_grad_scale: Optional[float] = None, init_std: float = DEFAULT_STD,
-                 device=None, dtype: Optional[torch.dtype] = None):
+                 sub_centers: int = 1, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes),
+                            ("sub_centers", sub_centers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PartialFC: {name} must be a positive int, got {value!r}")
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
@@ -142,7 +147,9 @@ class PartialFC(nn.Module):
         self.embedding_grad_scale = float(self.world_size if embedding_grad_scale is None else embedding_grad_scale)
         self.class_start, self.class_end = shard_bounds(num_classes, self.world_size, self.rank)
         self.num_local = self.class_end - self.class_start
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device, dtype=dtype))
+        self.sub_centers = sub_centers
+        self.num_rows, self.row_start = self.num_local * sub_centers, self.class_start * sub_centers
+        self.weight = nn.Parameter(torch.empty(self.num_rows, embedding_size, device=device, dtype=dtype))
         self.weight._ddp_ignored = True  # DDP's own marker: no mixed-precision copy, no bucket
         self.init_std = init_std
         self.reset_parameters()
@@ -155,12 +162,13 @@ class PartialFC(nn.Module):
         return module
 
     def reset_parameters(self) -> None:
-        init_weight_rows_(self.weight, self.class_start, self.seed, self.init_std)
+        init_weight_rows_(self.weight, self.row_start, self.seed, self.init_std)  # by global row id
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"shard=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world_size}, "
-                f"margin={self.margin}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}")
+                f"margin={self.margin}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}"
+                + (f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""))
 
     # state: which rows, safe to copy and pickle, guarded against re-sharding wrappers -----------
     def get_extra_state(self):
@@ -202,6 +210,12 @@ class PartialFC(nn.Module):
         state.pop("_ddp_checked", None)
         return state
 
+    def __setstate__(self, state):
+        state.setdefault("sub_centers", 1)  # heads pickled before sub-centers existed
+        state.setdefault("num_rows", state["num_local"] * state["sub_centers"])
+        state.setdefault("row_start", state["class_start"] * state["sub_centers"])
+        super().__setstate__(state)
+
     # ------------------------------------------------------------------------------------
     @torch.compiler.disable
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False):
@@ -231,13 +245,14 @@ class PartialFC(nn.Module):
         if self.sample_rate < 1.0:
             generator = torch.Generator(device=weight.device)
             generator.manual_seed(step_seed(self.seed, self.class_start, self.step))
-            index, target = sample_classes(target, self.num_local, self.sample_rate, generator)
-            weight = F.embedding(index, self.weight, sparse=True) if self.sparse_grad \
-                else self.weight.index_select(0, index)  # (k, d)
+            index, target = sample_classes(target, self.num_local, self.sample_rate, generator)  # classes
+            rows = self._rows_of(index)  # (n k,)
+            weight = F.embedding(rows, self.weight, sparse=True) if self.sparse_grad \
+                else self.weight.index_select(0, rows)  # (n k, d)
             self.sampled_index = index
         elif self.sparse_grad:
             index = torch.arange(self.num_local, device=weight.device)
-            weight = F.embedding(index, self.weight, sparse=True)
+            weight = F.embedding(self._rows_of(index), self.weight, sparse=True)
             self.sampled_index = index
         else:
             self.sampled_index = None
@@ -246,22 +261,30 @@ class PartialFC(nn.Module):
         # for_batch returns an object with ``s`` and ``psi_and_grad(cos_y)`` giving each row its own values
         margin = self.margin if isinstance(self.margin, CombinedMargin) else self.margin.for_batch(x_global, valid)
         loss, stats = margin_softmax_cross_entropy(x_global, weight, target, valid, margin, self.group,
-                                                   self.chunk_size, self._mm_dtype(embeddings))
+                                                   self.chunk_size, self._mm_dtype(embeddings), self.sub_centers)
         self.step += 1
         if return_stats:
             return loss, HeadStats(max_logit=stats[0], target_logit=stats[1], target_cos=stats[2], valid=valid)
         return loss
 
+    def _rows_of(self, classes: torch.Tensor) -> torch.Tensor:
+        """Local weight rows of local classes (n,) -> (n * sub_centers,), class-major."""
+        k = self.sub_centers
+        if k == 1:
+            return classes
+        return (classes.unsqueeze(1) * k + torch.arange(k, device=classes.device)).view(-1)
+
     def predict(self, embeddings: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, class_ids)``: for each local row, the ``k`` classes of largest cosine over all
-        ranks (no margin), best first, ties to the lower class id: (B_local, k) float32 and int64.
-        Collective: every rank of the group calls it (a rank may pass an empty batch)."""
+        ranks (no margin; with sub-centers a class's nearest row), best first, ties to the lower class
+        id: (B_local, k) float32 and int64. Collective: every rank of the group calls it (a rank may
+        pass an empty batch)."""
         from .predict import sharded_topk
         self._check_group()
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError("PartialFC.predict: embeddings must be a tensor")
         return sharded_topk(embeddings.detach(), self.weight.detach(), self.class_start, self.num_classes, k,
-                            self.group)
+                            self.group, sub_centers=self.sub_centers)
 
     def _mm_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
         device_type = embeddings.device.type

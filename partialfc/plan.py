@@ -167,13 +167,13 @@ def plan_memory(num_classes: Optional[int] = None, embedding_size: int = 512, wo
                 mm_dtype: Optional[str] = None, optimizer: str = "sgd_momentum",
                 chunk_size: Optional[int] = None, sparse_grad: Optional[bool] = None,
                 embedding_dtype: Optional[str] = None, device: str = "cuda", weight_decay: float = 0.0,
-                rank: int = 0, classes_per_rank: Optional[int] = None) -> dict:
+                rank: int = 0, classes_per_rank: Optional[int] = None, sub_centers: int = 1) -> dict:
     """Per-rank memory of one step of ``PartialFC`` (bytes), measured on fake tensors.
 
     Give ``num_classes`` (all ranks; ``rank`` 0 holds the largest shard) or ``classes_per_rank``.
     ``dtype`` is the parameters' dtype, ``mm_dtype`` the matrix products' (default ``dtype``;
     another one means autocast), ``embedding_dtype`` the embeddings' (default ``mm_dtype``).
-    ``sparse_grad`` defaults to ``optimizer == "sparse_sgd"``.
+    ``sparse_grad`` defaults to ``optimizer == "sparse_sgd"``. ``sub_centers``: rows per class.
 
     Returns a dict: ``peak`` (bytes), ``breakdown`` (category -> bytes live at the peak; the
     values add up to ``peak``), ``peak_phase``, ``weights``, ``above_weights`` (``peak -
@@ -185,9 +185,11 @@ def plan_memory(num_classes: Optional[int] = None, embedding_size: int = 512, wo
 
 
 def _config(num_classes, embedding_size, world_size, batch_per_rank, sample_rate, dtype, mm_dtype, optimizer,
-            chunk_size, sparse_grad, embedding_dtype, device, weight_decay, rank, classes_per_rank) -> dict:
+            chunk_size, sparse_grad, embedding_dtype, device, weight_decay, rank, classes_per_rank,
+            sub_centers=1) -> dict:
     """The checked arguments of :func:`plan_memory` as a JSON-able dict."""
-    _check_ints(embedding_size=embedding_size, world_size=world_size, batch_per_rank=batch_per_rank)
+    _check_ints(embedding_size=embedding_size, world_size=world_size, batch_per_rank=batch_per_rank,
+                sub_centers=sub_centers)
     if sparse_grad is None:
         sparse_grad = optimizer == "sparse_sgd"
     _check_options(sample_rate, optimizer, chunk_size, device, sparse_grad)
@@ -200,7 +202,8 @@ def _config(num_classes, embedding_size, world_size, batch_per_rank, sample_rate
                 batch_per_rank=batch_per_rank, global_batch=world_size * batch_per_rank,
                 sample_rate=float(sample_rate), dtype=dtype, mm_dtype=mm_dtype, embedding_dtype=embedding_dtype,
                 optimizer=optimizer, chunk_size=chunk_size, sparse_grad=bool(sparse_grad), device=device,
-                weight_decay=float(weight_decay), rank=0 if classes_per_rank is not None else int(rank))
+                weight_decay=float(weight_decay), rank=0 if classes_per_rank is not None else int(rank),
+                sub_centers=sub_centers)
 
 
 # ------------------------------------------------------------------------------------------
@@ -305,7 +308,8 @@ def _meta_head(cfg: dict, sample_rate: float):
     from .head import PartialFC
     return PartialFC(cfg["embedding_size"], cfg["num_classes"], sample_rate=sample_rate,
                      chunk_size=cfg["chunk_size"], sparse_grad=cfg["sparse_grad"], validate=False,
-                     uniform_batch=True, device="meta", dtype=_DTYPES[cfg["dtype"]])
+                     uniform_batch=True, sub_centers=cfg.get("sub_centers", 1), device="meta",
+                     dtype=_DTYPES[cfg["dtype"]])
 
 
 @contextlib.contextmanager
@@ -617,7 +621,8 @@ def format_plan(plan: dict) -> str:
     """The plan as a table of what is live at the peak, per scenario."""
     lines = [
         f"classes {plan['num_classes']:,} over {plan['world_size']} rank(s): C_local = {plan['classes_local']:,}, "
-        f"rows per step k = {plan['sampled_classes']:,}, block = {plan['chunk']:,}",
+        f"classes per step k = {plan['sampled_classes']:,}, block = {plan['chunk']:,}"
+        + (f", {plan['sub_centers']} sub-centers (rows) per class" if plan.get("sub_centers", 1) > 1 else ""),
         f"d = {plan['embedding_size']}, global batch B = {plan['global_batch']} "
         f"({plan['batch_per_rank']} per rank), params {plan['dtype']}, matmul {plan['mm_dtype']}, "
         f"embeddings {plan['embedding_dtype']}, optimizer {plan['optimizer']}"
@@ -671,6 +676,7 @@ def _add_type_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default="sgd_momentum", choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay")
     p.add_argument("--chunk-size", type=int, default=None, help="PartialFC chunk_size (default: materialized)")
+    p.add_argument("--sub-centers", type=int, default=1, help="rows per class (sub-center ArcFace; default 1)")
     sg = p.add_mutually_exclusive_group()
     sg.add_argument("--sparse-grad", dest="sparse_grad", action="store_true", default=None,
                     help="sparse row gradients (default with --optimizer sparse_sgd)")
@@ -686,7 +692,7 @@ def main(argv=None) -> int:
                   batch_per_rank=args.batch_per_rank, sample_rate=args.sample_rate, dtype=args.dtype,
                   mm_dtype=args.mm_dtype, optimizer=args.optimizer, chunk_size=args.chunk_size,
                   sparse_grad=args.sparse_grad, embedding_dtype=args.embedding_dtype, device=args.device,
-                  weight_decay=args.weight_decay)
+                  weight_decay=args.weight_decay, sub_centers=args.sub_centers)
     try:
         if args.classes_per_rank is not None:
             plan = plan_memory(classes_per_rank=args.classes_per_rank, **kwargs)

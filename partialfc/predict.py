@@ -27,28 +27,33 @@ def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tens
 
 
 def local_topk(x_global: torch.Tensor, weight: torch.Tensor, class_start: int, k: int,
-               chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` cosines of x_global (B, d) against the rows of ``weight`` (C_local, d), k <= C_local:
-    float32 scores (B, k) and global class ids (B, k), memory (B, chunk)."""
+               chunk: int = 65536, sub_centers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` cosines of x_global (B, d) against the classes of ``weight`` (C_local * sub_centers,
+    d; a class's cosine is its nearest row's), k <= C_local: float32 scores (B, k) and global class
+    ids (B, k), memory (B, chunk * sub_centers)."""
     xhat = torch.nn.functional.normalize(x_global.float(), dim=1)
     best_s = xhat.new_full((xhat.shape[0], 0), float("-inf"))
     best_i = torch.zeros((xhat.shape[0], 0), dtype=torch.int64, device=xhat.device)
-    for c0 in range(0, weight.shape[0], chunk):
-        w = torch.nn.functional.normalize(weight[c0: c0 + chunk].float(), dim=1)
-        cos = xhat @ w.t()  # (B, cb)
-        ids = torch.arange(class_start + c0, class_start + c0 + w.shape[0], device=xhat.device)
+    sc = sub_centers
+    for c0 in range(0, weight.shape[0] // sc, chunk):
+        w = torch.nn.functional.normalize(weight[c0 * sc: (c0 + chunk) * sc].float(), dim=1)
+        cos = xhat @ w.t()  # (B, cb * sc)
+        if sc > 1:
+            cos = cos.view(cos.shape[0], -1, sc).amax(dim=2)  # (B, cb)
+        ids = torch.arange(class_start + c0, class_start + c0 + cos.shape[1], device=xhat.device)
         best_s, best_i = _best_k(torch.cat([best_s, cos], 1), torch.cat([best_i, ids.expand_as(cos)], 1), k)
     return best_s, best_i
 
 
 @torch.no_grad()
 def sharded_topk(embeddings: torch.Tensor, weight: torch.Tensor, class_start: int, num_classes: int, k: int,
-                 group: ProcessGroup = None, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                 group: ProcessGroup = None, chunk: int = 65536, sub_centers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, class_ids)``: (B_local, k) cosines and global ids of the ``k`` nearest classes over
-    every rank of ``group``, best first, ties to the lower class id. Collective."""
+    every rank of ``group``, best first, ties to the lower class id. ``weight`` holds ``sub_centers``
+    rows per class (the class's cosine is the largest). Collective."""
     if not 1 <= k <= num_classes:
         raise ValueError(f"predict: k must be in [1, num_classes={num_classes}], got {k}")
-    k_local = min(k, weight.shape[0])
+    k_local = min(k, weight.shape[0] // sub_centers)
     ok = embeddings.dim() == 2 and embeddings.shape[1] == weight.shape[1] and embeddings.is_floating_point()
     record = torch.tensor([[embeddings.shape[0] if ok else 0, int(ok)]], dtype=torch.int64, device=weight.device)
     records = all_gather_rows(record, group).tolist()  # (W, 2) batch sizes and checks: the one host read
@@ -57,10 +62,10 @@ def sharded_topk(embeddings: torch.Tensor, weight: torch.Tensor, class_start: in
         raise ValueError(f"predict: embeddings must be floating (batch, {weight.shape[1]}) tensors; "
                          f"not so on rank(s) {bad}")
     if not is_distributed(group):
-        return local_topk(embeddings, weight, class_start, k_local, chunk)
+        return local_topk(embeddings, weight, class_start, k_local, chunk, sub_centers)
     sizes = [b for b, _ in records]
     x_global = all_gather_uneven(embeddings, sizes, group)  # (B, d)
-    scores, ids = local_topk(x_global, weight, class_start, k_local, chunk)  # (B, k_local)
+    scores, ids = local_topk(x_global, weight, class_start, k_local, chunk, sub_centers)  # (B, k_local)
     if k_local < k:  # a small shard: pad its candidates so every rank sends (B, k)
         pad = k - k_local
         scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1)

@@ -21,6 +21,10 @@ followed by the projection through ``x^ = x / |x|``. The materialized path keeps
 (B, C_local) buffer of exponentials (accumulation dtype) for backward and turns it into G' in
 place; the chunked path keeps no logits at all and recomputes each block in backward.
 
+Sub-centers (``sub_centers = k``): ``weight`` holds k consecutive rows per class; each block's
+product covers its classes' k rows, ``cos_ij`` is the largest of class j's rows and the backward
+sends G'_ij to that row only (the materialized path keeps which row won, one byte per entry).
+
 Mixed precision: the matrix products run in ``mm_dtype`` (e.g. bf16 under autocast); logits,
 log-sum-exp and gradients accumulate in float32 (float64 when ``mm_dtype`` is float64).
 """
@@ -57,21 +61,44 @@ def safe_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xhat, torch.where(nonzero, n * peak, _NORM_EPS)
 
 
-def _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg=None):
-    """Scaled logits of classes [c0, c1) with the target entries replaced: ``(z, factor)``, z
+class _SubCenters(NamedTuple):
+    """Sub-center rows: class c owns rows c*k ... c*k + k - 1; ``t_sub`` (B,) is the row of each
+    target class that is nearest to the row's embedding (the one the target logit and its gradient use)."""
+    k: int
+    t_sub: torch.Tensor
+
+
+def _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg=None, sub=None):
+    """Scaled logits of classes [c0, c1) with the target entries replaced: ``(z, factor, arg)``, z
     (B, c1 - c0) in ``acc``. With ``neg`` (a margin that reshapes hard negatives, CurricularFace) the
     non-target entries with cos > neg.thr become s cos (t + cos), and ``factor`` (B, cb) holds
-    d(logit)/d(s cos) of every entry for the backward; else ``factor`` is None."""
-    z = torch.mm(xhat_mm, w_mm[c0:c1].t())  # (B, cb)
+    d(logit)/d(s cos) of every entry for the backward; else ``factor`` is None. With ``sub``
+    (sub-centers) a class's logit is the largest of its k rows' and ``arg`` (B, cb) says which row
+    (the target's is ``sub.t_sub``); else ``arg`` is None."""
+    k = 1 if sub is None else sub.k
+    z = torch.mm(xhat_mm, w_mm[c0 * k:c1 * k].t())  # (B, cb * k)
     if z.dtype != acc:
         z = z.to(acc)
-    z.mul_(col_scale[c0:c1])
+    z.mul_(col_scale[c0 * k:c1 * k])
+    arg = None
+    if k > 1:
+        z, arg = z.view(z.shape[0], c1 - c0, k).max(dim=2)  # (B, cb): max over each class's rows (s > 0)
+        if z.shape[0]:
+            _put_target(arg, target, c0, c1, lambda old: sub.t_sub)
     factor = None
     if neg is not None and z.shape[0]:
         z, factor = _hard_negatives(z, target, c0, c1, neg)
     if z.shape[0]:
         _put_target(z, target, c0, c1, lambda old: logit_t)
-    return z, factor
+    return z, factor, arg
+
+
+def _to_rows(g, arg, k):
+    """Class-level gradient ``g`` (B, cb) -> row level (B, cb * k): each entry goes to the row that
+    won its class's max (``arg``), the other rows of the class get 0."""
+    rows = g.new_zeros(g.shape[0], g.shape[1], k)
+    rows.scatter_(2, arg.long().unsqueeze(2), g.unsqueeze(2))
+    return rows.view(g.shape[0], g.shape[1] * k)
 
 
 def _hard_negatives(z, target, c0, c1, neg):
@@ -99,7 +126,7 @@ class _BackwardParts(NamedTuple):
     w_mm: torch.Tensor       # (C_local, d) weights in the product dtype
     weight: torch.Tensor     # (C_local, d) weights as stored
     inv_norm: torch.Tensor   # (C_local,) 1 / |w_j|
-    target: torch.Tensor     # (B,) local target row or -1
+    target: torch.Tensor     # (B,) local target row (with sub-centers: the nearest row of the class) or -1
     row_gain: torch.Tensor   # (B,) s * dL/dloss / N on valid rows, else 0
     dpsi: torch.Tensor       # (B,) d psi / d cos of each row's target
     grad_xhat: torch.Tensor  # (B, d) accumulated
@@ -143,31 +170,43 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     """forward: sharded margin softmax cross-entropy, all-reduce MAX then all-reduce SUM.
     backward: exact gradients for ``x_global`` and ``weight``, no collective.
 
-    Inputs: x_global (B, d) unnormalised; weight (C_local, d) unnormalised rows; target (B,)
-    int64 row of ``weight`` holding the row's target class, or -1 when another rank holds it;
-    valid (B,) bool rows that count (label != ignore_index, identical on every rank).
+    Inputs: x_global (B, d) unnormalised; weight (C_local * k, d) unnormalised rows, ``k =
+    sub_centers`` consecutive rows per class; target (B,) int64 local class of the row's target, or
+    -1 when another rank holds it; valid (B,) bool rows that count (label != ignore_index,
+    identical on every rank). With k > 1 a class's cosine is the largest of its rows' (the margin
+    applies to that one) and each logit's gradient goes to that row only.
     Returns the loss (scalar, identical on every rank) and, not differentiable, ``stats``
     (3, B): [global max logit, global target logit, global target cosine].
     """
 
     @staticmethod
     def forward(ctx, x_global, weight, target, valid, margin: CombinedMargin, group: ProcessGroup,
-                chunk_size: Optional[int], mm_dtype: torch.dtype):
+                chunk_size: Optional[int], mm_dtype: torch.dtype, sub_centers: int = 1):
         """The module docstring's forward, top to bottom (longer than a screen on purpose: the
         in-place buffer handling is easiest to check when read in one piece)."""
         acc = _accumulation_dtype(mm_dtype)
         device_type = x_global.device.type
         with torch.autocast(device_type, enabled=False):
-            num_local = weight.shape[0]
-            chunk = num_local if not chunk_size else min(chunk_size, num_local)
+            k = sub_centers
+            num_local = weight.shape[0] // k  # classes
+            chunk = num_local if not chunk_size else min(chunk_size, num_local)  # classes per block
             s = float(margin.s)
             xhat, x_norm = safe_normalize(x_global.to(acc))  # (B, d), (B, 1)
-            inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C,)
+            inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C k,)
             owned = target >= 0
             t_row = target.clamp_min(0)
-            # target cosines from the B target rows only: (B,)
-            w_t = weight.index_select(0, t_row).to(acc)
-            cos_t = (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0)
+            # target cosines from the B target rows only (B k with sub-centers): (B,)
+            sub = None
+            if k == 1:
+                w_t = weight.index_select(0, t_row).to(acc)
+                cos_t = (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0)
+            else:
+                rows = (t_row.unsqueeze(1) * k + torch.arange(k, device=t_row.device)).view(-1)  # (B k,)
+                w_t = weight.index_select(0, rows).to(acc).view(-1, k, weight.shape[1])  # (B, k, d)
+                cos_sub = torch.linalg.vecdot(xhat.unsqueeze(1), w_t) * inv_norm[rows].view(-1, k)  # (B, k)
+                cos_t, t_sub = cos_sub.max(dim=1)
+                cos_t = cos_t.clamp(-1.0, 1.0)
+                sub = _SubCenters(k, t_sub)
             psi, dpsi = margin.psi_and_grad(cos_t)
             logit_t = (s * psi).to(acc)
             neg = None
@@ -178,11 +217,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
             col_scale = inv_norm * s
 
-            buffer = None
+            buffer = buffer_arg = None
             m_local = s_local = None
             for c0 in range(0, num_local, chunk):
                 c1 = min(c0 + chunk, num_local)
-                z, _ = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg)
+                z, _, arg = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg, sub)
                 m_blk = z.amax(dim=1)  # (B,)
                 if m_local is None:
                     m_local = m_blk
@@ -195,7 +234,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     m_local = m_new
                 if chunk == num_local and neg is None:
                     buffer = z  # exp(z - m_local), kept for backward (hard negatives recompute instead)
-                del z  # chunked: free this block before the next one is formed
+                    if arg is not None:  # and which sub-center won each entry, one byte each for k <= 256
+                        buffer_arg = arg.to(torch.uint8) if k <= 256 else arg
+                del z, arg  # chunked: free this block before the next one is formed
             m_global = all_reduce_(m_local.clone(), "max", group)
             stats = torch.stack([s_local * torch.exp(m_local - m_global),
                                  torch.where(owned, logit_t, 0.0),
@@ -206,11 +247,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             row_loss = torch.where(valid, torch.log(sum_exp) + m_global - t_global, 0.0)
             loss = row_loss.sum() / n_valid
 
-        ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc, ctx.neg = s, chunk, mm_dtype, acc, neg
+        ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc, ctx.neg, ctx.sub = s, chunk, mm_dtype, acc, neg, sub
         ctx.x_dtype = x_global.dtype
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
                               sum_exp, n_valid, logit_t)
-        ctx.buffer = buffer  # not saved_for_backward: backward turns it into the gradient in place
+        ctx.buffer, ctx.buffer_arg = buffer, buffer_arg  # not saved: backward turns it into the gradient in place
         out_stats = torch.stack([m_global, t_global, cos_global])
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
@@ -223,40 +264,52 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         s, chunk, mm_dtype, acc = ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc
         # the first backward consumes the stored exponentials; a repeated one (retain_graph) recomputes
         buffer, ctx.buffer = ctx.buffer, None
+        buffer_arg, sub = ctx.buffer_arg, ctx.sub
+        k = 1 if sub is None else sub.k
         with torch.autocast(xhat.device.type, enabled=False):
-            num_local = weight.shape[0]
+            num_local = weight.shape[0] // k
             g0 = grad_loss.to(acc) * s / n_valid  # scalar: d loss / d logit * s
             row_gain = torch.where(valid, g0, 0.0)  # (B,)
             xhat_mm = xhat.to(mm_dtype)
             w_mm = weight if weight.dtype == mm_dtype else weight.to(mm_dtype)
             grad_xhat = torch.zeros_like(xhat)
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)  # weight's dtype
-            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target, row_gain, dpsi, grad_xhat, grad_w)
+            target_row = target if sub is None else torch.where(target >= 0, target * k + sub.t_sub, -1)
+            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, row_gain, dpsi, grad_xhat, grad_w)
             if buffer is not None:  # materialized: buffer = exp(z - m_local) -> g0 p in place
                 buffer.mul_((row_gain * torch.exp(m_local - m_global) / sum_exp).unsqueeze(1))
-                _grad_block(buffer, 0, num_local, parts)
+                if sub is not None:
+                    buffer = _to_rows(buffer, buffer_arg, k)
+                _grad_block(buffer, 0, num_local * k, parts)
             else:  # chunked: recompute each block of logits
                 s_inv = row_gain / sum_exp
                 col_scale = inv_norm * s
                 for c0 in range(0, num_local, chunk):
                     c1 = min(c0 + chunk, num_local)
-                    z, factor = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, ctx.neg)
+                    z, factor, arg = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc,
+                                                   ctx.neg, sub)
                     z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
                     if factor is not None:
                         z.mul_(factor)
-                    _grad_block(z, c0, c1, parts)
+                    if arg is not None:
+                        z = _to_rows(z, arg, k)
+                    _grad_block(z, c0 * k, c1 * k, parts)
                     del z
             # through x^ = x / |x|: (g - (g . x^) x^) / |x|
             radial = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(1)
             grad_x = (grad_xhat - radial * xhat) / x_norm
-        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None, None, None
 
 
 def margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                  valid: torch.Tensor, margin: CombinedMargin, group: ProcessGroup = None,
                                  chunk_size: Optional[int] = None,
-                                 mm_dtype: Optional[torch.dtype] = None):
+                                 mm_dtype: Optional[torch.dtype] = None, sub_centers: int = 1):
     """Functional form of :class:`MarginSoftmaxCrossEntropy`: returns ``(loss, stats)``."""
     if mm_dtype is None:
         mm_dtype = torch.promote_types(x_global.dtype, weight.dtype)
-    return MarginSoftmaxCrossEntropy.apply(x_global, weight, target, valid, margin, group, chunk_size, mm_dtype)
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"margin_softmax_cross_entropy: {weight.shape[0]} weight rows are not a whole number of "
+                         f"classes of sub_centers={sub_centers} rows")
+    return MarginSoftmaxCrossEntropy.apply(x_global, weight, target, valid, margin, group, chunk_size, mm_dtype,
+                                           sub_centers)

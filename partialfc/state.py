@@ -42,7 +42,7 @@ def is_dtensor(value) -> bool:
 def layout(head) -> dict:
     """The rows a head holds and its sampling step, as a dict of ``LAYOUT_FIELDS``."""
     return {"format": FORMAT, "step": head.step, "num_classes": head.num_classes,
-            "embedding_size": head.embedding_size, "rows_per_class": 1,
+            "embedding_size": head.embedding_size, "rows_per_class": head.sub_centers,
             "class_start": head.class_start, "class_end": head.class_end,
             "world_size": head.world_size, "rank": head.rank}
 
@@ -68,8 +68,10 @@ def step_of(extra) -> int:
 
 
 def _describe(meta: dict) -> str:
+    k = meta.get("rows_per_class", 1)
     return (f"classes [{meta['class_start']}, {meta['class_end']}) of {meta['num_classes']} "
-            f"(rank {meta.get('rank', '?')} of {meta.get('world_size', '?')}, embedding size {meta['embedding_size']})")
+            f"(rank {meta.get('rank', '?')} of {meta.get('world_size', '?')}, embedding size {meta['embedding_size']}"
+            + (f", {k} sub-centers per class" if k != 1 else "") + ")")
 
 
 def select_rows(head, state: dict, prefix: str) -> None:
@@ -80,22 +82,23 @@ def select_rows(head, state: dict, prefix: str) -> None:
     if weight is None:
         return  # reported as a missing key by the module's loader
     if meta is None:  # written before the layout was saved
-        if weight.shape[0] != head.num_local:
+        if weight.shape[0] != head.num_rows:
             raise ValueError(f"PartialFC.load_state_dict: '{prefix}weight' has {weight.shape[0]} rows, this rank "
-                             f"holds {head.num_local} (classes [{head.class_start}, {head.class_end})); the state "
+                             f"holds {head.num_rows} (classes [{head.class_start}, {head.class_end})); the state "
                              "dict names no layout, so it cannot be re-sharded")
         return
     here = layout(head)
     problem = None
+    k = head.sub_centers
     if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size \
-            or meta.get("rows_per_class", 1) != 1:
+            or meta.get("rows_per_class", 1) != k:
         problem = "it belongs to another head"
-    elif weight.shape[0] != meta["class_end"] - meta["class_start"]:
-        problem = f"its weight has {weight.shape[0]} rows, not the {meta['class_end'] - meta['class_start']} it names"
+    elif weight.shape[0] != (meta["class_end"] - meta["class_start"]) * k:
+        problem = f"its weight has {weight.shape[0]} rows, not the {(meta['class_end'] - meta['class_start']) * k} it names"
     elif (meta["class_start"], meta["class_end"]) == (head.class_start, head.class_end):
         return
     elif (meta["class_start"], meta["class_end"]) == (0, head.num_classes):
-        state[prefix + "weight"] = weight[head.class_start: head.class_end]  # a consolidated state: take our rows
+        state[prefix + "weight"] = weight[head.class_start * k: head.class_end * k]  # consolidated: take our rows
         return
     else:
         problem = "it holds other classes' rows (a state saved from one rank only keeps only that rank's classes)"
@@ -115,23 +118,26 @@ def load_head_shards(head, shards: Iterable[dict], prefix: str = "") -> None:
     """
     covered = torch.zeros(head.num_local, dtype=torch.bool)
     step = None
+    k = head.sub_centers
     with torch.no_grad():
         for shard in shards:
             meta, weight = read_layout(shard[prefix + "_extra_state"]), shard[prefix + "weight"]
             if meta is None:
                 raise ValueError("load_head_shards: a shard's state names no layout (written by an older version)")
-            if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size:
+            if meta["num_classes"] != head.num_classes or meta["embedding_size"] != head.embedding_size \
+                    or meta.get("rows_per_class", 1) != k:
                 raise ValueError(f"load_head_shards: a shard holds {_describe(meta)}, the head has "
-                                 f"{head.num_classes} classes x {head.embedding_size}")
+                                 f"{head.num_classes} classes x {head.embedding_size}"
+                                 + (f" with {k} sub-centers per class" if k != 1 else ""))
             lo, hi = max(meta["class_start"], head.class_start), min(meta["class_end"], head.class_end)
             step = meta["step"] if step is None else step
             if lo < hi:
-                rows = weight[lo - meta["class_start"]: hi - meta["class_start"]]
-                head.weight[lo - head.class_start: hi - head.class_start].copy_(rows)
+                rows = weight[(lo - meta["class_start"]) * k: (hi - meta["class_start"]) * k]
+                head.weight[(lo - head.class_start) * k: (hi - head.class_start) * k].copy_(rows)
                 covered[lo - head.class_start: hi - head.class_start] = True
     if not bool(covered.all()):
         missing = int((~covered).sum())
-        raise ValueError(f"load_head_shards: {missing} of this rank's {head.num_local} rows "
+        raise ValueError(f"load_head_shards: {missing} of this rank's {head.num_local} classes' rows "
                          f"(classes [{head.class_start}, {head.class_end})) are in none of the shards given")
     head.step = int(step)
 
@@ -143,8 +149,9 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def gather_rows(head, rows: torch.Tensor) -> torch.Tensor:
-    """Collective over the head's group: this rank's ``rows`` (C_local, ...) -> all classes' (C, ...) on CPU."""
-    sizes = shard_sizes(head.num_classes, group_size(head.group))
+    """Collective over the head's group: this rank's ``rows`` (C_local k, ...) -> all classes' (C k, ...)
+    on CPU (k = sub-centers per class)."""
+    sizes = [n * head.sub_centers for n in shard_sizes(head.num_classes, group_size(head.group))]
     return all_gather_uneven(rows.detach(), sizes, head.group).cpu()
 
 
@@ -178,7 +185,7 @@ def consolidate_optimizer_state(model: nn.Module, optimizer, state: Optional[dic
     out = {**state, "state": dict(state["state"])}
     for index, head, _ in _head_param_indices(model, optimizer):
         entry = state["state"].get(index, {})
-        out["state"][index] = {k: gather_rows(head, v) if _per_row(v, head.num_local) else v
+        out["state"][index] = {k: gather_rows(head, v) if _per_row(v, head.num_rows) else v
                                for k, v in entry.items()}
     return out
 
@@ -192,7 +199,8 @@ def shard_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
         entry = state["state"].get(index)
         if entry is None or head.num_classes == head.num_local:
             continue
-        out["state"][index] = {k: v[head.class_start: head.class_end] if _per_row(v, head.num_classes) else v
+        rows = head.num_classes * head.sub_centers
+        out["state"][index] = {k: v[head.row_start: head.row_start + head.num_rows] if _per_row(v, rows) else v
                                for k, v in entry.items()}
     return out
 

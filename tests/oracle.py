@@ -24,16 +24,21 @@ def reference_psi(theta: torch.Tensor, m1: float, m2: float, m3: float, extensio
 
 
 def reference_loss(x, weight, labels, s=64.0, m1=1.0, m2=0.5, m3=0.0, extension="monotonic",
-                   straight_through=False, ignore_index=-100):
-    """Mean margin-softmax cross-entropy over the valid rows of (x, labels) against all of ``weight``."""
-    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()  # (B, C)
+                   straight_through=False, ignore_index=-100, sub_centers=1):
+    """Mean margin-softmax cross-entropy over the valid rows of (x, labels) against all of ``weight``.
+
+    ``sub_centers`` k: ``weight`` has k consecutive rows per class and a class's cosine is the
+    largest of its rows' (autograd's max sends the gradient to that row)."""
+    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()  # (B, C k)
+    if sub_centers > 1:
+        cos = cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values  # (B, C)
     valid = labels != ignore_index
     y = torch.where(valid, labels, torch.zeros_like(labels))
     cos_t = cos.gather(1, y[:, None]).squeeze(1)
     psi = reference_psi(torch.acos(cos_t.clamp(-1, 1)), m1, m2, m3, extension)
     if straight_through:
         psi = cos_t + (psi - cos_t).detach()
-    onehot = F.one_hot(y, weight.shape[0]).to(cos.dtype)
+    onehot = F.one_hot(y, cos.shape[1]).to(cos.dtype)
     logits = s * (cos + onehot * (psi - cos_t)[:, None])
     if not bool(valid.any()):
         return logits.sum() * 0.0

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import BenchConfig, VARIANTS
+from benchmarks import BenchConfig, DEFAULT_VARIANTS, VARIANTS
 from benchmarks.cli import build_parser
 from benchmarks.comm import CommCounter
 from benchmarks.memory import predict
@@ -59,7 +59,7 @@ def test_quick_run_contents(quick_run):
     cs = sorted({int(r["classes_per_rank"]) for r in rows})
     assert len(cs) == 2
     assert sorted((int(r["classes_per_rank"]), r["variant"]) for r in rows) == sorted(
-        (c, v) for c in cs for v in VARIANTS)
+        (c, v) for c in cs for v in DEFAULT_VARIANTS)
     w, br, d = 2, 64, 64
     b = w * br
     head_bytes, baseline_bytes = _ring_bytes(w, br, d)
@@ -83,13 +83,13 @@ def test_quick_run_contents(quick_run):
             assert int(r["coll_bytes"]) == baseline_bytes and int(r["coll_calls"]) == 6
         assert int(r["weights"]) == c * d * 4
     # collective bytes do not depend on the number of classes
-    for v in VARIANTS:
+    for v in DEFAULT_VARIANTS:
         assert len({r["coll_bytes"] for r in rows if r["variant"] == v}) == 1
     md = (out / "bench.md").read_text()
     assert "| C_local | variant |" in md and "## Summary" in md and "torch" in md
     assert len(data["rows"]) == len(rows) and data["meta"]["config"]["world_size"] == w
     per_c = [f for f in data["summary"] if f["name"].endswith("collective bytes per step")]
-    assert len(per_c) == len(VARIANTS) and all(len(set(f["value"].split(" / "))) == 1 for f in per_c)
+    assert len(per_c) == len(DEFAULT_VARIANTS) and all(len(set(f["value"].split(" / "))) == 1 for f in per_c)
 
 
 def test_help_documents_the_options():
@@ -142,9 +142,11 @@ def test_case_steps_on_one_rank(variant):
     # no process group: no collective
     assert counter.calls == [] and counter.sent_bytes() == 0 and counter.get_total_counts() == 0
     assert case.head.weight.grad is not None
-    assert case.matmul_rows() == (30 if variant.startswith("sampled") else 300)
+    assert case.matmul_rows() == {"sampled_dense": 30, "sampled_sparse": 30, "subcenter": 900}.get(variant, 300)
     plan = predict(cfg, variant, "cpu")
-    assert (plan is None) == (variant == "baseline")
+    assert (plan is None) == (variant in ("baseline", "adaface", "curricularface"))
+    if variant == "subcenter":
+        assert plan["weights"] == case.head.weight.numel() * 4 == 900 * 8 * 4
 
 
 def test_time_variants_one_after_the_other():
@@ -154,7 +156,7 @@ def test_time_variants_one_after_the_other():
     assert [r["variant"] for r in rows] == list(VARIANTS)
     for r in rows:
         assert r["repeats"] == 2 and len(r["t_fb_all"]) == 2 and r["coll_bytes"] == 0 and r["world_size"] == 1
-        assert r["rows"] == (20 if r["variant"].startswith("sampled") else 200)
+        assert r["rows"] == {"sampled_dense": 20, "sampled_sparse": 20, "subcenter": 600}.get(r["variant"], 200)
 
 
 def test_summary_and_table_from_rows():
