@@ -27,6 +27,7 @@ __all__ = [
     "identification_top1",
     "make_pairs",
     "pair_scores",
+    "topk_accuracy",
     "verification_metrics",
 ]
 
@@ -341,6 +342,32 @@ def identification_top1(
         "n_excluded_probes": int(excluded.sum()),
         "n_missing_identities": int(np.unique(labels[excluded]).size),
     }
+
+
+def topk_accuracy(class_ids: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict:
+    """Closed-set classification accuracy from ranked predictions.
+
+    Args:
+        class_ids: ``(N, K)`` predicted class ids per sample, best first (e.g. the ``class_ids`` of
+            :meth:`partialfc.PartialFC.predict`).
+        labels: ``(N,)`` true class ids.
+        ks: the k of each top-k accuracy; a k larger than ``K`` uses all ``K`` columns (with
+            ``K`` = the number of classes that is 1.0).
+
+    Returns:
+        ``{k: share of samples whose label is among the first k predictions}`` (float, NaN when N = 0).
+    """
+    ids = np.asarray(class_ids)
+    y = np.asarray(labels).reshape(-1)
+    if ids.ndim != 2 or ids.shape[0] != y.shape[0]:
+        raise ValueError(f"class_ids must be (N, K) with N = len(labels) = {y.shape[0]}, got {ids.shape}")
+    out = {}
+    for k in ks:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        hit = (ids[:, :k] == y[:, None]).any(axis=1)  # (N,)
+        out[int(k)] = float(hit.mean()) if y.size else float("nan")
+    return out
 
 
 def embed(

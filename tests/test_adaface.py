@@ -2,32 +2,35 @@
 (not from the head's code): loss, exact gradients and running statistics over two steps, on 1-4 gloo
 ranks with uneven and empty batches; sampled and chunked paths; statistics once per forward."""
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from partialfc import AdaFace, PartialFC, init_weight_rows_
-from tests.dist_utils import run_distributed
+from partialfc import AdaFace, PartialFC
+from tests.row_margin_harness import Setup, check_against_oracle, check_sampled, run, sub_center_weight
 
 D, C = 8, 13
 KW = dict(s=16.0, m=0.4, h=0.333, t_alpha=0.3)  # a large t_alpha makes the statistics move visibly
 
 
-def oracle(x, weight, labels, valid, mean, std, s, m, h, t_alpha, eps=1e-3, training=True):
-    """float64 loss and the statistics after the update; gradients by autograd through the formulas."""
+def oracle(x, weight, labels, valid, mean, std, s, m, h, t_alpha, eps=1e-3, training=True, sub_centers=1):
+    """float64 loss and the statistics after the update; gradients by autograd through the formulas.
+    ``sub_centers`` k: ``weight`` has k rows per class, a class's cosine is its rows' max."""
     n = x.detach().norm(dim=1).clamp(0.001, 100)
     if training and bool(valid.any()):
         mean = t_alpha * n[valid].mean() + (1 - t_alpha) * mean
         if int(valid.sum()) > 1:
             std = t_alpha * n[valid].std() + (1 - t_alpha) * std
     z = (h * (n - mean) / (std + eps)).clamp(-1, 1)
-    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T  # (B, C)
+    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T  # (B, C k)
+    cos = cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values  # (B, C)
     y = labels.clamp_min(0)
     cos_y = cos.gather(1, y[:, None]).squeeze(1)
     theta = torch.acos(cos_y.clamp(-1 + eps, 1 - eps))
     target = torch.cos((theta - m * z).clamp(eps, math.pi - eps)) - (m + m * z)
-    logits = s * torch.where(F.one_hot(y, weight.shape[0]).bool(), target[:, None], cos)
+    logits = s * torch.where(F.one_hot(y, cos.shape[1]).bool(), target[:, None], cos)
     loss = F.cross_entropy(logits[valid], labels[valid], reduction="sum") / max(int(valid.sum()), 1)
     return loss, float(mean), float(std)
 
@@ -43,79 +46,59 @@ def _global_batch(step, sizes):
     return xs, ys
 
 
-def _run_head(rank, world, sizes_per_step, head_kw):
-    head = PartialFC(D, C, margin=AdaFace(**KW), dtype=torch.float64, **head_kw)
-    out = []
-    for step, sizes in enumerate(sizes_per_step):
-        xs, ys = _global_batch(step, sizes)
-        x = xs[rank].clone().requires_grad_(True)
-        loss = head(x, ys[rank])
-        loss.backward()
-        out.append({"loss": loss.item(), "x_grad": x.grad.clone(), "w_grad": head.weight.grad.clone(),
-                    "mean": head.margin.batch_mean.item(), "std": head.margin.batch_std.item(),
-                    "bounds": (head.class_start, head.class_end),
-                    "sampled": None if head.sampled_index is None else head.sampled_index.clone()})
-        head.weight.grad = None
-    return out
+SETUP = Setup(D, C, margin=partial(AdaFace, **KW), batch=_global_batch)
+INITIAL = {"batch_mean": 20.0, "batch_std": 100.0}  # the paper's initial running statistics
 
 
-def _check(results, sizes_per_step, world):
-    full = init_weight_rows_(torch.empty(C, D, dtype=torch.float64), 0, 0)
-    mean, std = 20.0, 100.0
-    for step, sizes in enumerate(sizes_per_step):
-        xs, ys = _global_batch(step, sizes)
-        x = torch.cat(xs).requires_grad_(True)
-        w = full.clone().requires_grad_(True)
-        labels = torch.cat(ys)
-        loss, mean, std = oracle(x, w, labels, labels != -100, mean, std, **KW)
-        loss.backward()
-        offset = 0
-        for rank in range(world):
-            r = results[rank][step]
-            lo, hi = r["bounds"]
-            assert r["loss"] == pytest.approx(loss.item(), rel=1e-10, abs=1e-12)
-            assert r["mean"] == pytest.approx(mean, rel=1e-12) and r["std"] == pytest.approx(std, rel=1e-12)
-            torch.testing.assert_close(r["w_grad"], w.grad[lo:hi], rtol=1e-8, atol=1e-11)
-            b = sizes[rank]
-            torch.testing.assert_close(r["x_grad"], world * x.grad[offset: offset + b], rtol=1e-8, atol=1e-11)
-            offset += b
+def _oracle(x, weight, labels, valid, state):
+    """:func:`oracle` in the harness's calling convention (see tests/row_margin_harness.py)."""
+    loss, mean, std = oracle(x, weight, labels, valid, state["batch_mean"], state["batch_std"], **KW)
+    return loss, {"batch_mean": mean, "batch_std": std}
+
+
+def _check(sizes_per_step, head_kw=None):
+    results = run(SETUP, sizes_per_step, head_kw)
+    check_against_oracle(SETUP, results, sizes_per_step, _oracle, INITIAL, state_tol=dict(rel=1e-12))
+
+
+SUB = 3
+SETUP_SUB = Setup(D, C, margin=partial(AdaFace, **KW), batch=_global_batch, head_kw={"sub_centers": SUB},
+                  full_weight=partial(sub_center_weight, SUB))
+
+
+def _oracle_sub(x, weight, labels, valid, state):
+    loss, mean, std = oracle(x, weight, labels, valid, state["batch_mean"], state["batch_std"], **KW,
+                             sub_centers=SUB)
+    return loss, {"batch_mean": mean, "batch_std": std}
+
+
+@pytest.mark.parametrize("sizes,head_kw", [([[6], [5]], {}), ([[4, 0, 3], [2, 5, 1]], {"chunk_size": 2})])
+def test_sub_centers_match_the_oracle(sizes, head_kw):
+    """AdaFace on sub-center heads: the margin on each class's nearest row, statistics as before."""
+    results = run(SETUP_SUB, sizes, head_kw)
+    check_against_oracle(SETUP_SUB, results, sizes, _oracle_sub, INITIAL, state_tol=dict(rel=1e-12))
 
 
 def test_single_rank_two_steps_match_the_oracle():
-    sizes = [[7], [5]]
-    _check([_run_head(0, 1, sizes, {})], sizes, 1)
+    _check([[7], [5]])
 
 
 def test_chunked_single_rank_matches_the_oracle():
-    sizes = [[6], [9]]
-    _check([_run_head(0, 1, sizes, {"chunk_size": 4})], sizes, 1)
+    _check([[6], [9]], {"chunk_size": 4})
 
 
 @pytest.mark.parametrize("world,sizes", [(2, [[4, 0], [3, 5]]), (4, [[2, 3, 0, 1], [1, 0, 4, 2]])])
 def test_sharded_two_steps_match_the_oracle(world, sizes):
     """Uneven batches, an empty rank, statistics over the global batch (identical on every rank)."""
-    _check(run_distributed(_run_head, world, sizes, {}), sizes, world)
-
-
-def _sampled(rank, world):
-    out = _run_head(rank, world, [[5, 3]], {"sample_rate": 0.5})
-    return out
+    assert all(len(s) == world for s in sizes)
+    _check(sizes)
 
 
 def test_sampled_matches_the_oracle_on_the_sampled_classes():
-    """Sampling: the loss is AdaFace over the union of every rank's sampled classes."""
-    sizes = [5, 3]
-    results = run_distributed(_sampled, 2)
-    kept = torch.cat([r[0]["sampled"] + r[0]["bounds"][0] for r in results])
-    full = init_weight_rows_(torch.empty(C, D, dtype=torch.float64), 0, 0)
-    xs, ys = _global_batch(0, sizes)
-    labels = torch.cat(ys)
-    remap = torch.full((C,), -1, dtype=torch.int64)
-    remap[kept] = torch.arange(kept.numel())
-    sub_labels = torch.where(labels == -100, labels, remap[labels.clamp_min(0)])
-    assert bool((sub_labels[labels != -100] >= 0).all())  # positives are always sampled
-    loss, _, _ = oracle(torch.cat(xs), full[kept], sub_labels, labels != -100, 20.0, 100.0, **KW)
-    assert results[0][0]["loss"] == pytest.approx(loss.item(), rel=1e-10)
+    """Sampling: the loss is AdaFace over the union of every rank's sampled classes (positives
+    always among them)."""
+    sizes = [[5, 3]]
+    check_sampled(SETUP, run(SETUP, sizes, {"sample_rate": 0.5}), sizes[0], _oracle, INITIAL)
 
 
 def test_statistics_advance_once_per_training_forward():
