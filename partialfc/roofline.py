@@ -21,11 +21,12 @@ Shapes: B rows of the gathered batch, C classes of this rank (the sampled ones w
 - ``chunked``: the same passes per block and, in backward, the block's logits recomputed
   (product, scale, subtract, exp, row factor): 4 products. Blocks are assumed to go to memory
   (a GPU's L2 holds ~50 MB: B 1024 × 8192 float32 is 32 MB, so some of it may stay on chip).
-- ``fused`` (a Triton kernel that never forms B × C in memory, ``impl="triton"``): forward one
-  product with an online max / sum-exp; backward recomputes each tile and forms both gradients
-  from it: 4 products, memory traffic O((B + C) d) — reads of W (``w_reads`` times per pass:
-  1 with a launch order that reuses each W tile from L2 across row blocks) and of x, the
-  gradient of W written once (in float32 for the projection: ``grad W = G^T x`` pass).
+- ``fused`` (the Triton kernels of ``impl="triton"``, :mod:`partialfc.triton_softmax`, which never
+  form B × C in memory): forward one product with an online max / sum-exp; backward two kernels,
+  each recomputing its tiles: one forms grad x = G W (over row blocks), the other grad W = G^T x
+  (over class blocks, the radial projection in its epilogue): 5 products, memory traffic
+  O((B + C) d) — reads of W (``w_reads`` times per pass: 1 with a launch order that reuses each W
+  tile from L2 across row blocks) and of x, the gradient of W written once.
 
 The weights and their gradient are in the product dtype (bf16 parameters, as on GPUs); the radial
 projection of the weight gradient (all impls) works on row slices that stay in cache, so it moves
@@ -92,10 +93,12 @@ def passes(impl: str, batch: int, classes: int, d: int, dtype: str = "bf16", w_r
     # the radial projection runs on row slices that stay in cache: grad W and W read, grad W written once
     weight_side = [_elementwise("weight row norms", cd, e), _elementwise("radial projection of grad W", cd, 3 * e)]
     if impl == "fused":
-        return [Pass("fwd: fused product + online max/sum-exp", "mm", mm, w_reads * w_in + x_in),
-                Pass("bwd: fused recompute", "mm", mm, w_reads * w_in + x_in),
-                Pass("bwd: grad x = G W (on chip)", "mm", mm, w_reads * w_in + bd * 4),
-                Pass("bwd: grad W = G^T x (on chip)", "mm", mm, x_in + cd * 4)] + weight_side
+        return [Pass("fwd: product + online max/sum-exp", "mm", mm, w_reads * w_in + x_in),
+                Pass("bwd 1: recompute", "mm", mm, w_reads * w_in + x_in),
+                Pass("bwd 1: grad x = G W (on chip)", "mm", mm, bd * 4),
+                Pass("bwd 2: recompute", "mm", mm, w_in + w_reads * x_in),
+                Pass("bwd 2: grad W = G^T x, projected (on chip)", "mm", mm, cd * e),
+                _elementwise("weight row norms", cd, e)]
     cast = [_elementwise("fp32 copy of the logits", bc, e + 4)] if e < 4 else []
     to_mm = [_elementwise("cast G to the product dtype", bc, 4 + e)] if e < 4 else []
     logits = [Pass("product x W^T", "mm", mm, x_in + w_in + bc * e)] + cast + [

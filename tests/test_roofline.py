@@ -5,7 +5,7 @@ import pytest
 from partialfc.roofline import DEVICES, IMPLS, Device, passes, predict
 
 
-@pytest.mark.parametrize("impl,products", [("materialized", 3), ("chunked", 4), ("fused", 4)])
+@pytest.mark.parametrize("impl,products", [("materialized", 3), ("chunked", 4), ("fused", 5)])
 def test_flops_are_the_products(impl, products):
     b, c, d = 64, 1000, 32
     ps = passes(impl, b, c, d, "fp32")
@@ -37,13 +37,13 @@ def test_time_is_the_slower_of_compute_and_memory():
 
 def test_gpu_claims():
     """On the published H100/H200 figures the torch paths are memory-bound at B 1024, d 512, bf16,
-    the fused one is not, and eta cannot pass 3/4 with four products."""
+    the fused one is not, and eta cannot pass 3/5 with five products."""
     for name in ("H100", "H200"):
         for c in (100_000, 1_000_000, 10_000_000):
             m = predict("materialized", 1024, c, 512, DEVICES[name], "bf16")
             f = predict("fused", 1024, c, 512, DEVICES[name], "bf16")
             assert m["mm_share"] < 0.3 < 0.7 < f["mm_share"]
-            assert f["seconds"] < m["seconds"] and f["eta"] <= 0.75
+            assert f["seconds"] < m["seconds"] and f["eta"] <= 0.6
 
 
 def test_bad_arguments():
