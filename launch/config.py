@@ -241,6 +241,11 @@ class DataConfig(_Section):
     image_size: int = 32
     in_channels: int = 1
     heldout_classes: int = 300
+    # Validation: this many *training* identities are held back from training and the run evaluates
+    # on them (open-set, like the held-out ones) instead of on the held-out identities - for tuning
+    # without looking at the held-out figure. 0 = none (train on every training identity).
+    val_classes: int = 0
+    split_seed: Optional[int] = None  # seed of the held-out / validation split; None: train.seed
     num_workers: int = 0
     augment: bool = True
     hflip: bool = False
@@ -252,7 +257,13 @@ class DataConfig(_Section):
             self._at_least(name, 1)
         self._at_least("synthetic_classes", 2)
         self._at_least("heldout_classes", 0)
+        self._at_least("val_classes", 0)
         self._at_least("num_workers", 0)
+        _check(
+            self.val_classes == 0 or self.dataset not in ("recordio", "folder"),
+            "data", "val_classes", f"be 0 for dataset {self.dataset!r} (no open-set evaluation)",
+            self.val_classes,
+        )
         _check(
             self.dataset not in ("recordio", "folder") or self.root is not None,
             "data", "root", f"be set for dataset {self.dataset!r}", self.root,

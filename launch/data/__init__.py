@@ -32,7 +32,7 @@ from .glyphs import (GlyphDataset, GlyphSet, build_glyph_datasets, load_glyphs, 
                      split_glyphs)
 from .recordio import (IRHeader, RecordIODataset, RecordIOError, RecordIOReader, read_index,
                        write_recordio)
-from .run_data import HeldOut, RunData, build_run_data, synthetic_glyphs
+from .run_data import HeldOut, RunData, build_run_data, synthetic_glyphs, validation_split
 from .sampler import ShardedSampler
 from .transforms import (Compose, RandomAffine, RandomHorizontalFlip, affine, build_transform,
                          to_float)
@@ -45,7 +45,7 @@ __all__ = [
     "build_dataset", "build_glyph_datasets", "build_run_data", "build_transform",
     "default_cache_dir", "download_font_packages", "jis_kanji", "load_bin", "load_glyphs",
     "prepare_glyphs", "read_index", "restricted_loads", "scan_image_folder", "split_classes",
-    "split_glyphs", "synthetic_glyphs", "to_float", "write_bin", "write_recordio",
+    "split_glyphs", "synthetic_glyphs", "to_float", "validation_split", "write_bin", "write_recordio",
 ]
 
 DATASET_KINDS = ("glyphs", "recordio", "folder", "bin")

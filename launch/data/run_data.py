@@ -4,9 +4,17 @@
 one load of the source) whatever the source: glyphs (the default, prepared and
 cached on first use), insightface RecordIO, an image folder, or a small
 synthetic set (for tests and smoke runs; no files needed).
+
+Validation split (``data.val_classes`` = V > 0, glyph and synthetic sources): V of the
+*training* identities (a seeded choice, disjoint from the held-out ones) are removed from
+training and become the run's evaluation set instead of the held-out identities, which are then
+not evaluated at all: hyper-parameters tuned on these figures never saw the held-out ones.
+``RunData.eval_split`` says which set ``RunData.heldout`` holds (``"heldout"`` or ``"val"``).
+The split seed is ``data.split_seed`` when set, else the run's seed.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,9 +23,11 @@ import torch
 from torch.utils.data import Dataset
 
 from .folder import ImageFolderDataset
-from .glyphs import GlyphSet, build_glyph_datasets
+from .glyphs import GlyphDataset, GlyphSet, build_glyph_datasets
 from .recordio import RecordIODataset
 from .transforms import build_transform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +50,24 @@ class RunData:
     train: Dataset
     num_classes: int
     heldout: Optional[HeldOut]
+    eval_split: str = "heldout"  # "val": ``heldout`` holds validation identities (data.val_classes > 0)
+
+
+def validation_split(num_classes: int, val_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept training classes, validation classes) of ``range(num_classes)``, each sorted: a seeded
+    choice of ``val_classes`` identities (a stream of its own, not the held-out split's)."""
+    if not 0 <= val_classes < num_classes:
+        raise ValueError(f"data.val_classes must be in [0, {num_classes}) (the training identities), "
+                         f"got {val_classes}")
+    perm = np.random.default_rng([seed, 1]).permutation(num_classes)
+    log.info("validation split: %d of %d training identities held back; the run evaluates on them "
+             "(val), not on the held-out identities", val_classes, num_classes)
+    return np.sort(perm[val_classes:]), np.sort(perm[:val_classes])
+
+
+def _split_seed(data_cfg, seed: int) -> int:
+    split_seed = getattr(data_cfg, "split_seed", None)
+    return seed if split_seed is None else split_seed
 
 
 class _LabelledTensors(Dataset):
@@ -83,16 +111,33 @@ def _synthetic(data_cfg, seed: int) -> RunData:
     train = labels < known
     held = HeldOut(images[~train], (labels[~train] - known).numpy(),
                    designs[~train].numpy()) if data_cfg.heldout_classes else None
-    return RunData(_LabelledTensors(images[train], labels[train]), known, held)
+    val_classes = getattr(data_cfg, "val_classes", 0)
+    if not val_classes:
+        return RunData(_LabelledTensors(images[train], labels[train]), known, held)
+    keep, val = validation_split(known, val_classes, _split_seed(data_cfg, seed))
+    remap = torch.full((known + data_cfg.heldout_classes,), -1, dtype=torch.int64)
+    remap[torch.from_numpy(keep)] = torch.arange(len(keep))
+    remap[torch.from_numpy(val)] = torch.arange(len(val))
+    in_val = torch.zeros_like(remap, dtype=torch.bool)
+    in_val[torch.from_numpy(val)] = True
+    is_val, is_train = train & in_val[labels], train & ~in_val[labels]
+    val_set = HeldOut(images[is_val], remap[labels[is_val]].numpy(), designs[is_val].numpy())
+    return RunData(_LabelledTensors(images[is_train], remap[labels[is_train]]), len(keep), val_set, "val")
 
 
 def _glyphs(data_cfg, seed: int) -> RunData:
     """Rendered kanji (level 1 for ``glyphs``, levels 1 + 2 for ``glyphs_large``)."""
     transform = build_transform("glyph", train=data_cfg.augment, hflip_p=0.5 if data_cfg.hflip else 0.0)
+    seed = _split_seed(data_cfg, seed)
     train, held = build_glyph_datasets(data_cfg.cache_dir, "jis1" if data_cfg.dataset == "glyphs" else "jis",
                                        data_cfg.image_size, heldout_classes=data_cfg.heldout_classes,
                                        seed=seed, train_transform=transform)
-    return RunData(train, train.num_classes, HeldOut.from_glyphs(held.glyphs))
+    val_classes = getattr(data_cfg, "val_classes", 0)
+    if not val_classes:
+        return RunData(train, train.num_classes, HeldOut.from_glyphs(held.glyphs))
+    keep, val = validation_split(train.num_classes, val_classes, seed)
+    kept = GlyphDataset(train.glyphs.subset_classes(keep), transform)
+    return RunData(kept, kept.num_classes, HeldOut.from_glyphs(train.glyphs.subset_classes(val)), "val")
 
 
 def _face_files(data_cfg, seed: int) -> RunData:
