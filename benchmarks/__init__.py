@@ -24,6 +24,15 @@ Variants (the rows of the table; benchmarks.variants):
   baseline        a plain autograd head: autograd all-gather, F.normalize of x and W, full
                   logits, acos/cos over the whole matrix, softmax cross-entropy from torch ops
                   with all-reduces (F.cross_entropy on one rank)
+  filtered        (opt-in) materialized with PartialFC(grad_filter=--grad-filter,
+                  grad_filter_block=--grad-filter-block): class blocks of negligible softmax gradient
+                  skipped in backward; the table below the main one gives the share of blocks skipped
+                  and the gradients' relative error against the exact head next to the reported bound
+  filtered_sparse (opt-in) the same with sparse_grad=True and SparseSGD (only kept rows move)
+
+Trained-like logits: --target-angle A places every embedding A degrees from its class's row of
+the PartialFC heads' initial weights (random class centres in d dimensions); without it the
+embeddings are random, the softmax is spread and the filter skips nothing.
 
 Timing (benchmarks.timing): median over --repeats of forward+backward and of
 forward+backward+optimizer step (after --warmup steps; barrier before and, on CUDA, synchronize

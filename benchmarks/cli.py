@@ -15,7 +15,7 @@ import benchmarks
 
 from .config import DEFAULT_VARIANTS, DTYPES, VARIANTS, BenchConfig
 from .memory import measure_memory_cpu, predict
-from .report import format_figure, machine_info, markdown_table, summary, write_outputs
+from .report import filter_table, format_figure, machine_info, markdown_table, summary, write_outputs
 from .runner import run_group
 from .timing import time_variants, timing_worker
 
@@ -39,6 +39,12 @@ def _add_shape_options(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameters and embeddings")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="run the head's forward under torch.autocast with this dtype")
+    p.add_argument("--target-angle", type=float, default=None,
+                   help="trained-like logits: each embedding this many degrees from its class's (initial) row "
+                        "(default: random embeddings)")
+    p.add_argument("--grad-filter", type=float, default=None,
+                   help="eps of the filtered variants (default: the library's, the float32 machine epsilon)")
+    p.add_argument("--grad-filter-block", type=int, default=256, help="classes per block of the filtered variants")
     p.add_argument("--variants", type=str, default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated subset of {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
 
@@ -192,7 +198,8 @@ def main(argv=None, prog: str = PROG) -> int:
     where = where_to_run(args)
     base = BenchConfig(embedding_size=args.embedding_size, batch_per_rank=args.batch_per_rank,
                        sample_rate=args.sample_rate, chunk_size=args.chunk_size, dtype=args.dtype, amp=args.amp,
-                       world_size=where.world, validate=args.validate)
+                       world_size=where.world, validate=args.validate, target_angle=args.target_angle,
+                       grad_filter=args.grad_filter, grad_filter_block=args.grad_filter_block)
     meta = _meta(args, argv, prog, where, base, sweep, variants)
     t_start, rows = time.time(), []
     for c in sweep:
@@ -200,6 +207,8 @@ def main(argv=None, prog: str = PROG) -> int:
         rows.extend(part)
         if where.rank == 0:
             print(markdown_table(part), flush=True)
+            if filter_table(part):
+                print(filter_table(part), flush=True)
     meta["seconds"] = round(time.time() - t_start, 1)
     if where.rank == 0:
         paths = write_outputs(rows, args.out, meta)

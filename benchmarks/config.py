@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -9,7 +10,11 @@ import torch
 DEFAULT_VARIANTS = ("materialized", "chunked", "sampled_dense", "sampled_sparse", "baseline")
 #: every variant: the default ones and the margins beyond the combined one (materialized, like the first)
 MARGIN_VARIANTS = ("adaface", "curricularface", "subcenter")
-VARIANTS = DEFAULT_VARIANTS + MARGIN_VARIANTS
+#: opt-in implementations of the head (need extra packages / a GPU): PartialFC(impl="triton")
+IMPL_VARIANTS = ("triton",)
+#: opt-in: certified gradient filtering (PartialFC(grad_filter=...)), materialized; dense SGD / SparseSGD
+FILTER_VARIANTS = ("filtered", "filtered_sparse")
+VARIANTS = DEFAULT_VARIANTS + MARGIN_VARIANTS + IMPL_VARIANTS + FILTER_VARIANTS
 SUB_CENTERS = 3  # rows per class of the subcenter variant
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MiB = 2 ** 20
@@ -31,6 +36,9 @@ class BenchConfig:
     momentum: float = 0.9
     validate: bool = False
     seed: int = 0
+    target_angle: Optional[float] = None  # degrees: embeddings this far from their class row (trained-like)
+    grad_filter: Optional[float] = None  # eps of the filtered variants; None: the library's default
+    grad_filter_block: int = 256
 
     @property
     def num_classes(self) -> int:

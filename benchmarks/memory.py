@@ -155,8 +155,9 @@ def measure_memory_cuda(case: Case, device, steps: int = 2) -> dict:
 
 def predict(cfg: BenchConfig, variant: str, device: str) -> Optional[dict]:
     """The planner's prediction for a variant (None for the baseline head and the margins the
-    planner does not model: AdaFace, CurricularFace)."""
-    if variant in ("baseline", "adaface", "curricularface"):
+    planner does not model: AdaFace, CurricularFace, the triton kernels; ``filtered`` is planned as
+    ``materialized``, ``filtered_sparse``, whose sparse gradient holds a varying share of the rows, not at all)."""
+    if variant in ("baseline", "adaface", "curricularface", "triton", "filtered_sparse"):
         return None
     return plan_memory(classes_per_rank=cfg.classes_per_rank, embedding_size=cfg.embedding_size,
                        world_size=cfg.world_size, batch_per_rank=cfg.batch_per_rank,

@@ -19,7 +19,7 @@ from .config import VARIANTS, MiB
 CSV_FIELDS = ["classes_per_rank", "variant", "rows", "global_batch", "embedding_size", "dtype", "amp",
               "world_size", "sample_rate", "chunk_size", "t_fb", "t_step", "t_mm", "eta", "gflops", "mem_fb",
               "mem_step", "pred_fb", "pred_step", "mem_base", "weights", "coll_bytes", "coll_calls",
-              "coll_detail", "repeats"]
+              "coll_detail", "repeats", "skipped", "eps", "w_err", "w_bound", "x_err", "x_bound", "row_mass"]
 
 
 def machine_info(device: torch.device) -> dict:
@@ -63,7 +63,7 @@ def round_ratio(a: dict, b: dict, key: str) -> float:
 def _figures_at(c: int, v: dict) -> list[dict]:
     """The summary figures of one class count (``v``: variant -> row)."""
     out = []
-    for variant in ("materialized", "chunked", "adaface", "curricularface", "subcenter"):
+    for variant in ("materialized", "chunked", "adaface", "curricularface", "subcenter", "triton"):
         if variant in v:
             out.append(dict(C=c, name=f"{variant} eta (fwd+bwd)", value=v[variant]["eta"]))
     for variant in ("adaface", "curricularface", "subcenter"):
@@ -73,9 +73,18 @@ def _figures_at(c: int, v: dict) -> list[dict]:
     if "chunked" in v and "materialized" in v and v["materialized"].get("mem_fb"):
         out.append(dict(C=c, name="chunked / materialized memory above the weights (fwd+bwd)",
                         value=v["chunked"]["mem_fb"] / v["materialized"]["mem_fb"]))
+    if "triton" in v and "materialized" in v:
+        out.append(dict(C=c, name="triton fwd+bwd / materialized fwd+bwd",
+                        value=round_ratio(v["triton"], v["materialized"], "t_fb")))
     if "sampled_sparse" in v and "materialized" in v:
         out.append(dict(C=c, name="sampled_sparse step / materialized step (incl. optimizer)",
                         value=round_ratio(v["sampled_sparse"], v["materialized"], "t_step")))
+    for variant in ("filtered", "filtered_sparse"):
+        if variant in v and "materialized" in v:
+            out.append(dict(C=c, name=f"{variant} fwd+bwd / materialized fwd+bwd",
+                            value=round_ratio(v[variant], v["materialized"], "t_fb")))
+            out.append(dict(C=c, name=f"{variant} step / materialized step (incl. optimizer)",
+                            value=round_ratio(v[variant], v["materialized"], "t_step")))
     return out
 
 
@@ -114,6 +123,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def filter_table(rows: list[dict]) -> str:
+    """The filtered variants' accuracy: share of class blocks skipped, and the relative error of the
+    weight / embedding gradients against the exact ones next to the reported bound ("" if none)."""
+    rs = [r for r in rows if "skipped" in r]
+    if not rs:
+        return ""
+    lines = ["| C_local | variant | eps | blocks skipped | dropped mass per row (max) | W rel. error | W bound | "
+             "x rel. error | x bound |", "|" + "|".join(["---"] * 9) + "|"]
+    for r in rs:
+        lines.append(f"| {r['classes_per_rank']:,} | {r['variant']} | {r['eps']:.3g} | {100 * r['skipped']:.1f}% | "
+                     f"{r['row_mass']:.2e} | {r['w_err']:.2e} | {r['w_bound']:.2e} | {r['x_err']:.2e} | "
+                     f"{r['x_bound']:.2e} |")
+    return "\n".join(lines)
+
+
 def _header(meta: dict) -> list[str]:
     """The lines above the table: command, machine, where, configuration, method."""
     m, c = meta["machine"], meta["config"]
@@ -133,6 +157,9 @@ def _header(meta: dict) -> list[str]:
 def markdown_report(rows: list[dict], meta: dict, figures: list[dict]) -> str:
     """bench.md: header, table and the summary figures (targets: docs/benchmarks.md)."""
     md = _header(meta) + [markdown_table(rows), ""]
+    if filter_table(rows):
+        md += ["Gradient filtering (errors and bounds relative to the exact gradient's norm, all ranks):", "",
+               filter_table(rows), ""]
     if figures:
         md += ["## Summary", "", "Targets for these figures: docs/benchmarks.md.", "",
                "| C_local | figure | value |", "|---|---|---|"]

@@ -20,7 +20,7 @@ from partialfc.collectives import all_reduce_, group_size
 from .comm import CommCounter
 from .config import BenchConfig, nbytes
 from .memory import measure_memory_cuda
-from .variants import Case, matmul_tensors, matmuls
+from .variants import Case, filter_accuracy, matmul_tensors, matmuls
 
 
 def sync(device):
@@ -90,6 +90,8 @@ def result_row(case: Case, cfg: BenchConfig, device) -> dict:
                coll_bytes=case.coll[0], coll_calls=case.coll[1], coll_detail=case.coll[2],
                repeats=len(case.times["fb"]))
     row.update(case.cuda_mem)
+    if case.variant.startswith("filtered"):  # skipped share, true error and bound (untimed; collectives)
+        row.update(filter_accuracy(case))
     return row
 
 

@@ -13,10 +13,20 @@ compared with, and the bare matrix products of the same shapes (the numerator of
                     logits recomputed in backward
     subcenter       PartialFC(sub_centers=3), ArcFace: 3 rows per class, each class's nearest row
                     (its products have 3 C_local rows: eta is measured against those)
+    triton          PartialFC(impl="triton"): fused Triton kernels, no (B, C_local) logits (opt-in;
+                    CUDA, or the CPU under TRITON_INTERPRET=1, slow)
+    filtered        PartialFC(grad_filter=eps, grad_filter_block=...): materialized, certified gradient
+                    filtering (blocks of negligible softmax gradient skipped in backward); SGD(momentum)
+                    (opt-in)
+    filtered_sparse the same with sparse_grad=True and SparseSGD: only the kept rows move (opt-in)
+
+With ``target_angle`` (degrees) the embeddings are trained-like: each sits at that angle from its
+class's row of the PartialFC heads' initial weights (the baseline head has its own weights).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.distributed as dist
@@ -24,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from partialfc import AdaFace, CombinedMargin, CurricularFace, PartialFC, shard_bounds
-from partialfc.collectives import group_rank, group_size, is_distributed
+from partialfc.collectives import all_reduce_, group_rank, group_size, is_distributed
+from partialfc.init import BLOCK_ROWS, init_weight_rows_
 from partialfc.optim import SparseSGD
 
 from .config import DTYPES, SUB_CENTERS, VARIANTS, BenchConfig
@@ -116,12 +127,17 @@ def build_head(variant: str, cfg: BenchConfig, device, group=None) -> nn.Module:
     d, n = cfg.embedding_size, cfg.num_classes
     if variant == "baseline":
         return BaselineHead(d, n, group=group, device=device, dtype=dtype)
+    filt = True if cfg.grad_filter is None else cfg.grad_filter
     options = {"materialized": {}, "chunked": dict(chunk_size=cfg.chunk_size),
                "sampled_dense": dict(sample_rate=cfg.sample_rate),
                "sampled_sparse": dict(sample_rate=cfg.sample_rate, sparse_grad=True),
                "adaface": dict(margin=AdaFace(s=64.0, m=0.4)),
                "curricularface": dict(margin=CurricularFace(s=64.0, m=0.5)),
-               "subcenter": dict(sub_centers=SUB_CENTERS)}[variant]
+               "subcenter": dict(sub_centers=SUB_CENTERS),
+               "triton": dict(impl="triton"),
+               "filtered": dict(grad_filter=filt, grad_filter_block=cfg.grad_filter_block),
+               "filtered_sparse": dict(grad_filter=filt, grad_filter_block=cfg.grad_filter_block, sparse_grad=True),
+               }[variant]
     options.setdefault("margin", CombinedMargin.arcface(s=64.0, m=0.5))
     return PartialFC(d, n, group=group, validate=cfg.validate, uniform_batch=True, seed=cfg.seed, device=device,
                      dtype=dtype, **options)
@@ -129,7 +145,7 @@ def build_head(variant: str, cfg: BenchConfig, device, group=None) -> nn.Module:
 
 def build_optimizer(variant: str, head: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
     """SparseSGD for the sparse-row variant, torch.optim.SGD (momentum) for every other."""
-    cls = SparseSGD if variant == "sampled_sparse" else torch.optim.SGD
+    cls = SparseSGD if variant in ("sampled_sparse", "filtered_sparse") else torch.optim.SGD
     return cls(head.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 
 
@@ -145,8 +161,11 @@ class Case:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + group_rank(group) + 1)
         dtype = DTYPES[cfg.dtype]
         self.embeddings = torch.randn(cfg.batch_per_rank, cfg.embedding_size, generator=g).to(device, dtype)
-        self.embeddings.requires_grad_(True)
         self.labels = torch.randint(0, cfg.num_classes, (cfg.batch_per_rank,), generator=g).to(device)
+        if cfg.target_angle is not None:
+            k = SUB_CENTERS if variant == "subcenter" else 1
+            self.embeddings = trained_like(self.labels.cpu() * k, cfg.num_classes * k, cfg, g).to(device, dtype)
+        self.embeddings.requires_grad_(True)
         self.autocast = DTYPES[cfg.amp] if cfg.amp != "none" else None
         self.times = {"fb": [], "step": [], "mm": []}
         self.rows = None  # classes per matrix product (sampled rows for sampled variants)
@@ -175,6 +194,70 @@ class Case:
             self.rows = int(idx.numel()) if (self.variant.startswith("sampled") and idx is not None) \
                 else self.head.weight.shape[0]
         return self.rows
+
+
+def initial_rows(rows: torch.Tensor, num_rows: int, cfg: BenchConfig) -> torch.Tensor:
+    """The heads' initial weight rows of global row ids ``rows`` (n,): (n, d), float32 on the CPU."""
+    out = torch.empty(rows.shape[0], cfg.embedding_size)
+    for block in rows.div(BLOCK_ROWS, rounding_mode="floor").unique().tolist():
+        b0 = block * BLOCK_ROWS
+        values = init_weight_rows_(torch.empty(min(BLOCK_ROWS, num_rows - b0), cfg.embedding_size), b0, cfg.seed)
+        mine = (rows >= b0) & (rows < b0 + BLOCK_ROWS)
+        out[mine] = values[rows[mine] - b0]
+    return out
+
+
+def trained_like(rows: torch.Tensor, num_rows: int, cfg: BenchConfig, generator) -> torch.Tensor:
+    """Embeddings (n, d) at ``cfg.target_angle`` degrees from the initial weight rows ``rows`` (a random
+    direction orthogonal to the row), of norm sqrt(d) like the random ones."""
+    w = F.normalize(initial_rows(rows, num_rows, cfg), dim=1)
+    u = torch.randn(w.shape, generator=generator)
+    u = F.normalize(u - (u * w).sum(1, keepdim=True) * w, dim=1)
+    theta = torch.tensor(float(cfg.target_angle)).deg2rad()
+    return (torch.cos(theta) * w + torch.sin(theta) * u) * cfg.embedding_size ** 0.5
+
+
+def filter_accuracy(case: Case, float64: bool = False) -> dict:
+    """What the filtered variants drop, on the case's inputs: the exact and the filtered gradient of the
+    same head, side by side (every rank calls it; a few all-reduces). Relative to the exact gradient's
+    norm over all ranks: ``w_err``/``x_err`` the true error, ``w_bound``/``x_bound`` the reported bound.
+    ``float64``: also both heads' error against the float64 head (``*_err64``: exact, ``*_ferr64``: filtered)."""
+    head, x = case.head, case.embeddings
+
+    def grads(return_stats, h=head, xx=x):
+        h.weight.grad, xx.grad = None, None
+        out = h(xx, case.labels, return_stats=return_stats)
+        (out[0] if return_stats else out).backward()
+        gw = h.weight.grad
+        return (gw.to_dense() if gw.is_sparse else gw).double(), xx.grad.double()
+
+    eps, head.grad_filter = head.grad_filter, None
+    gw0, gx0 = grads(False)
+    extra = {}
+    if float64:
+        ref = copy.deepcopy(head).double()
+        gw64, gx64 = grads(False, ref, x.detach().double().requires_grad_())
+        del ref
+        e = torch.stack([(gw0 - gw64).square().sum(), gw64.square().sum(), (gx0 - gx64).square().sum(),
+                         gx64.square().sum()])
+    head.grad_filter = eps
+    gw1, gx1 = grads(True)
+    head.weight.grad, x.grad = None, None
+    if float64:
+        e = torch.cat([e, torch.stack([(gw1 - gw64).square().sum(), (gx1 - gx64).square().sum()])])
+        all_reduce_(e, "sum")
+        extra = dict(w_err64=float((e[0] / e[1]).sqrt()), x_err64=float((e[2] / e[3]).sqrt()),
+                     w_ferr64=float((e[4] / e[1]).sqrt()), x_ferr64=float((e[5] / e[3]).sqrt()))
+    fs = head.last_filter_stats
+    b = fs.global_bounds()
+    sums = torch.stack([(gw1 - gw0).square().sum(), gw0.square().sum(), (gx1 - gx0).square().sum(),
+                        gx0.square().sum(), b.embedding_bound.double().square()])
+    all_reduce_(sums, "sum")
+    w_norm, x_norm = float(sums[1].sqrt()), float(sums[3].sqrt())
+    return dict(skipped=b.skipped_fraction, eps=fs.eps, w_err=float(sums[0].sqrt()) / w_norm,
+                w_bound=float(b.weight_bound) / w_norm, x_err=float(sums[2].sqrt()) / x_norm,
+                x_bound=float(sums[4].sqrt()) / x_norm, row_mass=float(b.row_mass.max()) if b.row_mass.numel() else 0.0,
+                **extra)
 
 
 def matmul_tensors(cache: dict, rows: int, cfg: BenchConfig, device) -> tuple:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,13 @@ from torch import nn
 from . import state as _state
 from .collectives import (ProcessGroup, all_gather_rows, dtype_code, dtype_from_code, gather_embeddings,
                           group_rank, group_size, is_distributed)
+from .grad_filter import DEFAULT_BLOCK, GradFilterStats, SelectRowsKept
 from .init import DEFAULT_STD, init_weight_rows_
 from .margin import CombinedMargin
 from .partition import shard_bounds
 from .sampling import sample_classes, step_seed
 from .softmax import margin_softmax_cross_entropy
+from .triton_softmax import check_impl, triton_margin_softmax_cross_entropy, use_triton
 from .wrapping import check_not_replicated_by_ddp
 
 # codes of the per-rank validation record [batch, code, a, b, embedding dtype, grad mode, needs grad]
@@ -41,12 +43,16 @@ class HeadStats:
 
     ``max_logit``: the largest logit of the row over all classes; ``target_logit``: ``s * psi``;
     ``target_cos``: cos theta_y; ``valid``: rows that count (label != ignore_index).
+    ``grad_filter``: with ``PartialFC(grad_filter=...)``, the step's
+    :class:`partialfc.grad_filter.GradFilterStats` (skipped blocks, bounds on the dropped gradient);
+    it is filled in by the backward of this forward (``grad_filter.ready``), else None.
     """
 
     max_logit: torch.Tensor
     target_logit: torch.Tensor
     target_cos: torch.Tensor
     valid: torch.Tensor
+    grad_filter: Optional[GradFilterStats] = None
 
     @property
     def global_batch(self) -> int:
@@ -99,6 +105,21 @@ class PartialFC(nn.Module):
             ``c*k ... c*k + k - 1`` of the weight (all on one rank); a class's cosine is the largest of
             its rows', the margin applies to it and its gradient goes to that row only. Sampling picks
             classes (all k rows of each). See :mod:`partialfc.subcenter` for the cleaning step.
+        grad_filter: certified gradient filtering (:mod:`partialfc.grad_filter`); ``None`` (default) =
+            exact gradients. ``eps`` (a float >= 0) or ``True`` (eps = the accumulation dtype's machine
+            epsilon, 1.19e-7 in float32): the loss and forward stay exact; in backward the blocks of
+            ``grad_filter_block`` classes whose softmax-gradient entries ``p_ij f_ij`` (in units of the
+            row's gradient scale s/N, target entries aside) are all below eps are skipped in both products
+            (target entries are still applied exactly). ``head.last_filter_stats`` (and
+            ``HeadStats.grad_filter`` with ``return_stats=True``) says what was skipped; with
+            ``return_stats=True`` it also bounds the dropped gradient. ``eps=0`` gives the exact gradients
+            bit for bit. With ``sparse_grad=True`` the weight gradient holds only the kept rows.
+        grad_filter_block: classes per block of ``grad_filter`` (default 256).
+        impl: ``"torch"`` (the reference path above), ``"triton"`` (fused Triton kernels that never form
+            the (B, C_local) logits: :mod:`partialfc.triton_softmax`; needs ``pip install "partialfc[triton]"``,
+            CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; sub-centers, CurricularFace and
+            ``grad_filter`` run the torch path with a warning) or ``"auto"`` (default: triton on CUDA when
+            triton is installed, else torch). Same loss, gradients and collectives.
 
     Returns ``loss``: the mean over the global batch (all ranks, ``ignore_index`` rows excluded)
     of the cross-entropy over all classes, identical on every rank (0 if no row counts).
@@ -124,7 +145,9 @@ class PartialFC(nn.Module):
                  chunk_size: Optional[int] = None, sparse_grad: bool = False, seed: int = 0,
                  validate: bool = True, uniform_batch: bool = False,
                  embedding_grad_scale: Optional[float] = None, init_std: float = DEFAULT_STD,
-                 sub_centers: int = 1, device=None, dtype: Optional[torch.dtype] = None):
+                 sub_centers: int = 1, device=None, dtype: Optional[torch.dtype] = None,
+                 grad_filter: Union[None, bool, float] = None, grad_filter_block: int = DEFAULT_BLOCK,
+                 impl: str = "auto"):
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes),
                             ("sub_centers", sub_centers)):
@@ -134,6 +157,14 @@ class PartialFC(nn.Module):
             raise ValueError(f"PartialFC: sample_rate must be in (0, 1], got {sample_rate!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"PartialFC: chunk_size must be a positive int or None, got {chunk_size!r}")
+        if grad_filter is False:
+            grad_filter = None
+        if grad_filter is not None and grad_filter is not True and (
+                not isinstance(grad_filter, (int, float)) or not 0 <= grad_filter < float("inf")):
+            raise ValueError(f"PartialFC: grad_filter must be None, True or a finite eps >= 0, got {grad_filter!r}")
+        if isinstance(grad_filter_block, bool) or not isinstance(grad_filter_block, int) or grad_filter_block < 1:
+            raise ValueError(f"PartialFC: grad_filter_block must be a positive int, got {grad_filter_block!r}")
+        self.impl = check_impl(impl)
         if margin is None:
             margin = CombinedMargin.arcface()
         if not isinstance(margin, CombinedMargin) and not callable(getattr(margin, "for_batch", None)):
@@ -155,6 +186,9 @@ class PartialFC(nn.Module):
         self.reset_parameters()
         self.step = 0  # forward calls so far; seeds the sampling, saved in state_dict
         self.sampled_index: Optional[torch.Tensor] = None
+        self.grad_filter = None if grad_filter is None else (True if grad_filter is True else float(grad_filter))
+        self.grad_filter_block = grad_filter_block
+        self.last_filter_stats: Optional[GradFilterStats] = None  # the latest forward's, filled by its backward
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
@@ -168,7 +202,10 @@ class PartialFC(nn.Module):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"shard=[{self.class_start}, {self.class_end}) of rank {self.rank}/{self.world_size}, "
                 f"margin={self.margin}, sample_rate={self.sample_rate}, chunk_size={self.chunk_size}"
-                + (f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""))
+                + (f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else "")
+                + (f", grad_filter={self.grad_filter}, grad_filter_block={self.grad_filter_block}"
+                   if self.grad_filter is not None else "")
+                + (f", impl={self.impl!r}" if self.impl != "auto" else ""))
 
     # state: which rows, safe to copy and pickle, guarded against re-sharding wrappers -----------
     def get_extra_state(self):
@@ -214,6 +251,9 @@ class PartialFC(nn.Module):
         state.setdefault("sub_centers", 1)  # heads pickled before sub-centers existed
         state.setdefault("num_rows", state["num_local"] * state["sub_centers"])
         state.setdefault("row_start", state["class_start"] * state["sub_centers"])
+        state.setdefault("grad_filter", None)  # heads pickled before gradient filtering existed
+        state.setdefault("grad_filter_block", DEFAULT_BLOCK)
+        state.setdefault("last_filter_stats", None)
         super().__setstate__(state)
 
     # ------------------------------------------------------------------------------------
@@ -241,18 +281,30 @@ class PartialFC(nn.Module):
         local = labels_global - self.class_start
         target = torch.where(valid & (local >= 0) & (local < self.num_local), local, -1)  # (B,)
 
+        filt = None
+        if self.grad_filter is not None:
+            lo = sum(sizes[:self.rank])
+            filt = GradFilterStats(eps=None if self.grad_filter is True else self.grad_filter,
+                                   block=self.grad_filter_block, with_bounds=bool(return_stats), group=self.group,
+                                   local_rows=(lo, lo + sizes[self.rank]),
+                                   embedding_grad_scale=self.embedding_grad_scale)
+            self.last_filter_stats = filt
         weight = self.weight
         if self.sample_rate < 1.0:
             generator = torch.Generator(device=weight.device)
             generator.manual_seed(step_seed(self.seed, self.class_start, self.step))
             index, target = sample_classes(target, self.num_local, self.sample_rate, generator)  # classes
             rows = self._rows_of(index)  # (n k,)
-            weight = F.embedding(rows, self.weight, sparse=True) if self.sparse_grad \
-                else self.weight.index_select(0, rows)  # (n k, d)
+            if self.sparse_grad and filt is not None:  # a sparse gradient of the kept rows only
+                weight = SelectRowsKept.apply(self.weight, rows, filt)
+            else:
+                weight = F.embedding(rows, self.weight, sparse=True) if self.sparse_grad \
+                    else self.weight.index_select(0, rows)  # (n k, d)
             self.sampled_index = index
         elif self.sparse_grad:
             index = torch.arange(self.num_local, device=weight.device)
-            weight = F.embedding(self._rows_of(index), self.weight, sparse=True)
+            weight = F.embedding(self._rows_of(index), self.weight, sparse=True) if filt is None \
+                else SelectRowsKept.apply(self.weight, self._rows_of(index), filt)
             self.sampled_index = index
         else:
             self.sampled_index = None
@@ -260,11 +312,14 @@ class PartialFC(nn.Module):
         # a per-row margin (e.g. AdaFace) is fixed for this batch here, once, from the global batch:
         # for_batch returns an object with ``s`` and ``psi_and_grad(cos_y)`` giving each row its own values
         margin = self.margin if isinstance(self.margin, CombinedMargin) else self.margin.for_batch(x_global, valid)
-        loss, stats = margin_softmax_cross_entropy(x_global, weight, target, valid, margin, self.group,
-                                                   self.chunk_size, self._mm_dtype(embeddings), self.sub_centers)
+        loss_fn = triton_margin_softmax_cross_entropy if use_triton(getattr(self, "impl", "auto"), x_global.device) \
+            else margin_softmax_cross_entropy
+        loss, stats = loss_fn(x_global, weight, target, valid, margin, self.group,
+                              self.chunk_size, self._mm_dtype(embeddings), self.sub_centers, filt)
         self.step += 1
         if return_stats:
-            return loss, HeadStats(max_logit=stats[0], target_logit=stats[1], target_cos=stats[2], valid=valid)
+            return loss, HeadStats(max_logit=stats[0], target_logit=stats[1], target_cos=stats[2], valid=valid,
+                                   grad_filter=filt)
         return loss
 
     def _rows_of(self, classes: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,11 @@ sends G'_ij to that row only (the materialized path keeps which row won, one byt
 
 Mixed precision: the matrix products run in ``mm_dtype`` (e.g. bf16 under autocast); logits,
 log-sum-exp and gradients accumulate in float32 (float64 when ``mm_dtype`` is float64).
+
+Gradient filtering (``grad_filter``, :mod:`partialfc.grad_filter`): the backward cuts the classes
+into blocks, skips both products of the blocks whose non-target entries of p f are all below eps
+(:class:`_FilteredBackward`), applies the target entries of skipped blocks exactly and reports a
+bound on what was dropped. Off (``None``) runs the code above unchanged.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .collectives import ProcessGroup, all_reduce_, refuse_double_backward
+from .grad_filter import GradFilterStats, default_eps
 from .margin import CombinedMargin
 
 _NORM_EPS = 1e-12
@@ -166,6 +172,144 @@ def _grad_block(g, c0, c1, p: _BackwardParts):
             a[r0:r1].copy_(a_s)
 
 
+def _block_max(mag, fb):
+    """Largest entry of each block of ``fb`` columns of ``mag`` (B, n) with B > 0: (ceil(n / fb),)."""
+    colmax = mag.amax(dim=0)  # (n,): reduces down the rows, vectorised along the classes
+    n = colmax.shape[0]
+    pad = (-n) % fb
+    if pad:
+        colmax = torch.cat([colmax, colmax.new_zeros(pad)])
+    return colmax.view(-1, fb).amax(dim=1)
+
+
+def _runs(keep):
+    """[(kept, a, b)] maximal runs of equal values of the host list ``keep`` (block indices)."""
+    out, a = [], 0
+    for i in range(1, len(keep) + 1):
+        if i == len(keep) or keep[i] != keep[a]:
+            out.append((keep[a], a, i))
+            a = i
+    return out
+
+
+class _FilteredBackward:
+    """The backward over class blocks with skipping (``grad_filter``): call :meth:`block` on each
+    block of scaled probabilities, then :meth:`finish` once.
+
+    ``block(q, c0, c1, arg, signed)``: ``q`` (B, c1 - c0) holds ``row_gain * p * f`` of classes
+    [c0, c1) at class level (``arg``: the winning sub-center of each entry, or None). Blocks of
+    ``stats.block`` classes (counted from c0) whose non-target entries are all below ``eps |g0|``
+    are skipped; the kept runs go through :func:`_grad_block` (one call per run of contiguous kept
+    blocks: a single call over [c0, c1) when nothing is skipped, as without the filter)."""
+
+    def __init__(self, stats: GradFilterStats, parts: "_BackwardParts", target, sub, g0, acc, x_norm):
+        self.stats, self.parts, self.target, self.acc, self.x_norm = stats, parts, target, acc, x_norm
+        self.k = 1 if sub is None else sub.k
+        stats.eps = default_eps(acc) if stats.eps is None else float(stats.eps)
+        self.fb = stats.block
+        self.g0_abs = g0.abs()
+        self.thr = stats.eps * self.g0_abs  # entries of q are row_gain p f: eps relative to the row's scale s/N
+        self.negative = bool(g0 < 0)  # a negative incoming gradient flips the sign of q
+        b = target.shape[0]
+        rows = parts.weight.shape[0]
+        self.kept_rows = torch.ones(rows, dtype=torch.bool, device=target.device)
+        self.t_q = torch.zeros(b, dtype=acc, device=target.device)  # q at targets of skipped blocks
+        self.t_mask = torch.zeros(b, dtype=torch.bool, device=target.device)
+        self.blocks = self.skipped = 0
+        self.with_bounds = stats.with_bounds
+        if self.with_bounds:
+            inv = parts.inv_norm
+            self.max_inv = inv if self.k == 1 else inv.view(-1, self.k).amax(dim=1)  # (classes,)
+            self.row_sum = torch.zeros(b, dtype=torch.float64, device=target.device)
+            self.w_sq = torch.zeros((), dtype=torch.float64, device=target.device)
+
+    def block(self, q, c0, c1, arg, signed):
+        k, p, fb = self.k, self.parts, self.fb
+        cb = c1 - c0
+        nb = -(-cb // fb)
+        self.blocks += nb
+        if q.shape[0] == 0:  # no rows: nothing to filter, the plain block
+            _grad_block(q if k == 1 else _to_rows(q, arg, k), c0 * k, c1 * k, p)
+            return
+        target = self.target
+        in_blk = (target >= c0) & (target < c1)  # (B,)
+        col = (target - c0).clamp(0, cb - 1).unsqueeze(1)  # (B, 1)
+        saved = q.gather(1, col)  # (B, 1): restored below, bit for bit
+        q.scatter_(1, col, torch.where(in_blk.unsqueeze(1), 0.0, saved))  # the max is over non-targets
+        mag = q.abs() if signed or self.negative else q
+        keep_dev = ~(_block_max(mag, fb) < self.thr)  # (nb,); a NaN keeps its block (and shows)
+        keep = keep_dev.tolist()  # the one host read: which products run
+        runs = _runs(keep)
+        for kept, a, b in runs:
+            if not kept and self.with_bounds:
+                m = mag[:, a * fb: min(b * fb, cb)]
+                self.row_sum += m.sum(dim=1, dtype=torch.float64)
+                col_sum = m.sum(dim=0, dtype=torch.float64) * self.max_inv[c0 + a * fb: c0 + min(b * fb, cb)]
+                self.w_sq += col_sum.square().sum()
+        del mag
+        q.scatter_(1, col, saved)
+        if not all(keep):
+            skipped_t = in_blk & ~keep_dev[col.squeeze(1) // fb]  # rows whose target is in a skipped block
+            self.t_q = torch.where(skipped_t, saved.squeeze(1), self.t_q)
+            self.t_mask |= skipped_t
+        for kept, a, b in runs:
+            lo, hi = c0 + a * fb, c0 + min(b * fb, cb)  # classes
+            if kept:
+                g = q[:, lo - c0: hi - c0]  # a view: the whole q when nothing is skipped
+                if k > 1:
+                    g = _to_rows(g, arg[:, lo - c0: hi - c0], k)
+                _grad_block(g, lo * k, hi * k, p)
+            else:
+                self.skipped += b - a
+                p.grad_w[lo * k: hi * k].zero_()
+                self.kept_rows[lo * k: hi * k] = False
+
+    def finish(self):
+        """Target entries of skipped blocks, exactly; then the statistics."""
+        p, acc, stats = self.parts, self.acc, self.stats
+        if self.skipped:
+            i = self.t_mask.nonzero().squeeze(1)  # rows whose target block was skipped
+            r = p.target.index_select(0, i)  # their target rows (sub-centers: the nearest row)
+            inv = p.inv_norm.index_select(0, r)
+            # as _grad_block's target column: (g0 p_iy / n_y - g0 / n_y) psi'
+            g = (self.t_q.index_select(0, i) * inv - p.row_gain.index_select(0, i) * inv) * p.dpsi.index_select(0, i)
+            w_r = p.weight.index_select(0, r).to(acc)  # (m, d)
+            p.grad_xhat.index_add_(0, i, g.unsqueeze(1) * w_r)
+            rows, where = torch.unique(r, return_inverse=True)
+            a = torch.zeros(rows.shape[0], w_r.shape[1], dtype=acc, device=w_r.device)
+            a.index_add_(0, where, g.unsqueeze(1) * p.xhat_mm.index_select(0, i).to(acc))
+            w_s = p.weight.index_select(0, rows).to(acc)
+            coef = torch.linalg.vecdot(a, w_s) * p.inv_norm.index_select(0, rows).square()
+            a.addcmul_(w_s, coef.unsqueeze(1), value=-1.0)
+            p.grad_w.index_copy_(0, rows, a.to(p.grad_w.dtype))
+            self.kept_rows[rows] = True
+        stats.blocks, stats.skipped_blocks, stats.kept_rows = self.blocks, self.skipped, self.kept_rows
+        if self.with_bounds:
+            widen = 1.0 + 8 * torch.finfo(acc).eps
+            stats.weight_bound = self.w_sq.sqrt() * widen
+            stats.row_bound = self.row_sum / self.x_norm.squeeze(1).to(torch.float64) * widen
+            g0 = self.g0_abs.to(torch.float64)
+            stats.row_mass = torch.where(g0 > 0, self.row_sum / torch.where(g0 > 0, g0, 1.0), 0.0)
+        else:
+            stats.weight_bound = stats.row_bound = stats.row_mass = None
+        stats.ready = True
+
+
+def combine_shards(m_local, s_local, owned, logit_t, cos_t, valid, acc, group):
+    """The loss from every rank's per-row (max, sum-exp) over its classes: all-reduce MAX of the
+    maxima (B,), then all-reduce SUM of (rescaled sum-exp, target logit, target cosine) (3, B), each
+    target held by one rank. Returns ``(loss, m_global, sum_exp, t_global, cos_global, n_valid)``."""
+    m_global = all_reduce_(m_local.clone(), "max", group)
+    stats = torch.stack([s_local * torch.exp(m_local - m_global),
+                         torch.where(owned, logit_t, 0.0),
+                         torch.where(owned, cos_t, 0.0)])  # (3, B)
+    all_reduce_(stats, "sum", group)
+    sum_exp, t_global, cos_global = stats[0], stats[1], stats[2]
+    n_valid = valid.sum().clamp_min(1).to(acc)
+    row_loss = torch.where(valid, torch.log(sum_exp) + m_global - t_global, 0.0)
+    return row_loss.sum() / n_valid, m_global, sum_exp, t_global, cos_global, n_valid
+
+
 class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     """forward: sharded margin softmax cross-entropy, all-reduce MAX then all-reduce SUM.
     backward: exact gradients for ``x_global`` and ``weight``, no collective.
@@ -181,7 +325,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_global, weight, target, valid, margin: CombinedMargin, group: ProcessGroup,
-                chunk_size: Optional[int], mm_dtype: torch.dtype, sub_centers: int = 1):
+                chunk_size: Optional[int], mm_dtype: torch.dtype, sub_centers: int = 1,
+                grad_filter: Optional[GradFilterStats] = None):
         """The module docstring's forward, top to bottom (longer than a screen on purpose: the
         in-place buffer handling is easiest to check when read in one piece)."""
         acc = _accumulation_dtype(mm_dtype)
@@ -237,18 +382,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     if arg is not None:  # and which sub-center won each entry, one byte each for k <= 256
                         buffer_arg = arg.to(torch.uint8) if k <= 256 else arg
                 del z, arg  # chunked: free this block before the next one is formed
-            m_global = all_reduce_(m_local.clone(), "max", group)
-            stats = torch.stack([s_local * torch.exp(m_local - m_global),
-                                 torch.where(owned, logit_t, 0.0),
-                                 torch.where(owned, cos_t, 0.0)])  # (3, B)
-            all_reduce_(stats, "sum", group)
-            sum_exp, t_global, cos_global = stats[0], stats[1], stats[2]
-            n_valid = valid.sum().clamp_min(1).to(acc)
-            row_loss = torch.where(valid, torch.log(sum_exp) + m_global - t_global, 0.0)
-            loss = row_loss.sum() / n_valid
+            loss, m_global, sum_exp, t_global, cos_global, n_valid = combine_shards(
+                m_local, s_local, owned, logit_t, cos_t, valid, acc, group)
 
         ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc, ctx.neg, ctx.sub = s, chunk, mm_dtype, acc, neg, sub
-        ctx.x_dtype = x_global.dtype
+        ctx.x_dtype, ctx.grad_filter = x_global.dtype, grad_filter
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
                               sum_exp, n_valid, logit_t)
         ctx.buffer, ctx.buffer_arg = buffer, buffer_arg  # not saved: backward turns it into the gradient in place
@@ -276,11 +414,17 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)  # weight's dtype
             target_row = target if sub is None else torch.where(target >= 0, target * k + sub.t_sub, -1)
             parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, row_gain, dpsi, grad_xhat, grad_w)
+            filtered = None
+            if ctx.grad_filter is not None:
+                filtered = _FilteredBackward(ctx.grad_filter, parts, target, sub, g0, acc, x_norm)
             if buffer is not None:  # materialized: buffer = exp(z - m_local) -> g0 p in place
                 buffer.mul_((row_gain * torch.exp(m_local - m_global) / sum_exp).unsqueeze(1))
-                if sub is not None:
-                    buffer = _to_rows(buffer, buffer_arg, k)
-                _grad_block(buffer, 0, num_local * k, parts)
+                if filtered is not None:
+                    filtered.block(buffer, 0, num_local, buffer_arg, signed=False)
+                else:
+                    if sub is not None:
+                        buffer = _to_rows(buffer, buffer_arg, k)
+                    _grad_block(buffer, 0, num_local * k, parts)
             else:  # chunked: recompute each block of logits
                 s_inv = row_gain / sum_exp
                 col_scale = inv_norm * s
@@ -291,25 +435,33 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
                     if factor is not None:
                         z.mul_(factor)
+                    if filtered is not None:
+                        filtered.block(z, c0, c1, arg, signed=factor is not None)
+                        del z
+                        continue
                     if arg is not None:
                         z = _to_rows(z, arg, k)
                     _grad_block(z, c0 * k, c1 * k, parts)
                     del z
+            if filtered is not None:
+                filtered.finish()
             # through x^ = x / |x|: (g - (g . x^) x^) / |x|
             radial = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(1)
             grad_x = (grad_xhat - radial * xhat) / x_norm
-        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None, None, None, None
 
 
 def margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                  valid: torch.Tensor, margin: CombinedMargin, group: ProcessGroup = None,
                                  chunk_size: Optional[int] = None,
-                                 mm_dtype: Optional[torch.dtype] = None, sub_centers: int = 1):
-    """Functional form of :class:`MarginSoftmaxCrossEntropy`: returns ``(loss, stats)``."""
+                                 mm_dtype: Optional[torch.dtype] = None, sub_centers: int = 1,
+                                 grad_filter: Optional[GradFilterStats] = None):
+    """Functional form of :class:`MarginSoftmaxCrossEntropy`: returns ``(loss, stats)``. ``grad_filter``:
+    a :class:`partialfc.grad_filter.GradFilterStats` (eps, block size) that the backward fills in."""
     if mm_dtype is None:
         mm_dtype = torch.promote_types(x_global.dtype, weight.dtype)
     if weight.shape[0] % sub_centers:
         raise ValueError(f"margin_softmax_cross_entropy: {weight.shape[0]} weight rows are not a whole number of "
                          f"classes of sub_centers={sub_centers} rows")
     return MarginSoftmaxCrossEntropy.apply(x_global, weight, target, valid, margin, group, chunk_size, mm_dtype,
-                                           sub_centers)
+                                           sub_centers, grad_filter)
