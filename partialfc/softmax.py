@@ -126,6 +126,22 @@ def _put_target(z, target, c0, c1, new_value):
     z.scatter_(1, col, torch.where(in_block, new_value(old), old).unsqueeze(1))
 
 
+def _sums_without_target(e, target, c0, c1):
+    """Row sums of the exponentials ``e`` (B, cb) of classes [c0, c1): ``(all, all but the target)``.
+
+    The second is summed with the target entry left out, not obtained by subtracting it: for a
+    well-classified row the non-target mass ``1 - p_y`` (1e-8 and less with s = 64) is far below
+    the float32 resolution of the total, so a difference would be rounding noise, and that mass is
+    the target's gradient (see the backward)."""
+    in_block = (target >= c0) & (target < c1)  # (B,)
+    col = (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)  # (B, 1)
+    saved = e.gather(1, col)  # (B, 1)
+    e.scatter_(1, col, torch.where(in_block.unsqueeze(1), 0.0, saved))
+    rest = e.sum(dim=1)
+    e.scatter_(1, col, saved)
+    return rest + torch.where(in_block, saved.squeeze(1), 0.0), rest
+
+
 class _BackwardParts(NamedTuple):
     """What every block of the backward reads (shapes: B rows, C_local classes, d features)."""
     xhat_mm: torch.Tensor    # (B, d) normalised embeddings in the product dtype
@@ -134,6 +150,7 @@ class _BackwardParts(NamedTuple):
     inv_norm: torch.Tensor   # (C_local,) 1 / |w_j|
     target: torch.Tensor     # (B,) local target row (with sub-centers: the nearest row of the class) or -1
     row_gain: torch.Tensor   # (B,) s * dL/dloss / N on valid rows, else 0
+    t_gain: torch.Tensor     # (B,) row_gain * (1 - p_y), 1 - p_y from the non-target sum-exp (exact when tiny)
     dpsi: torch.Tensor       # (B,) d psi / d cos of each row's target
     grad_xhat: torch.Tensor  # (B, d) accumulated
     grad_w: torch.Tensor     # (C_local, d) written block by block
@@ -146,13 +163,13 @@ def _grad_block(g, c0, c1, p: _BackwardParts):
     ``grad_w`` has the weight's dtype; the radial projection runs in the accumulation dtype on
     row slices, so no full-size higher-precision copy of the weights or of their gradient exists.
     """
-    xhat_mm, w_mm, weight, inv_norm, target, row_gain, dpsi, grad_xhat, grad_w = p
+    xhat_mm, w_mm, weight, inv_norm, target, row_gain, t_gain, dpsi, grad_xhat, grad_w = p
     acc = g.dtype
     g.mul_(inv_norm[c0:c1])
     if g.shape[0]:
-        # target column: (g0 p_iy - g0) psi' / n_y, where g currently holds g0 p_iy / n_y
-        _put_target(g, target, c0, c1,
-                    lambda old: (old - row_gain * inv_norm[target.clamp(c0, c1 - 1)]) * dpsi)
+        # target column: (g0 p_iy - g0) psi' / n_y = -g0 (1 - p_iy) psi' / n_y, with 1 - p_iy from the
+        # non-target sum-exp: g0 p_iy - g0 in float32 is 0 or rounding noise once p_iy is near 1
+        _put_target(g, target, c0, c1, lambda old: -t_gain * inv_norm[target.clamp(c0, c1 - 1)] * dpsi)
     g_mm = g.to(xhat_mm.dtype)
     grad_xhat.add_(torch.mm(g_mm, w_mm[c0:c1]))  # (B, d)
     a = grad_w[c0:c1]  # (cb, d), contiguous rows: the product is written straight into the gradient
@@ -213,7 +230,6 @@ class _FilteredBackward:
         b = target.shape[0]
         rows = parts.weight.shape[0]
         self.kept_rows = torch.ones(rows, dtype=torch.bool, device=target.device)
-        self.t_q = torch.zeros(b, dtype=acc, device=target.device)  # q at targets of skipped blocks
         self.t_mask = torch.zeros(b, dtype=torch.bool, device=target.device)
         self.blocks = self.skipped = 0
         self.with_bounds = stats.with_bounds
@@ -250,7 +266,6 @@ class _FilteredBackward:
         q.scatter_(1, col, saved)
         if not all(keep):
             skipped_t = in_blk & ~keep_dev[col.squeeze(1) // fb]  # rows whose target is in a skipped block
-            self.t_q = torch.where(skipped_t, saved.squeeze(1), self.t_q)
             self.t_mask |= skipped_t
         for kept, a, b in runs:
             lo, hi = c0 + a * fb, c0 + min(b * fb, cb)  # classes
@@ -271,8 +286,8 @@ class _FilteredBackward:
             i = self.t_mask.nonzero().squeeze(1)  # rows whose target block was skipped
             r = p.target.index_select(0, i)  # their target rows (sub-centers: the nearest row)
             inv = p.inv_norm.index_select(0, r)
-            # as _grad_block's target column: (g0 p_iy / n_y - g0 / n_y) psi'
-            g = (self.t_q.index_select(0, i) * inv - p.row_gain.index_select(0, i) * inv) * p.dpsi.index_select(0, i)
+            # as _grad_block's target column: -g0 (1 - p_iy) psi' / n_y
+            g = -p.t_gain.index_select(0, i) * inv * p.dpsi.index_select(0, i)
             w_r = p.weight.index_select(0, r).to(acc)  # (m, d)
             p.grad_xhat.index_add_(0, i, g.unsqueeze(1) * w_r)
             rows, where = torch.unique(r, return_inverse=True)
@@ -295,19 +310,40 @@ class _FilteredBackward:
         stats.ready = True
 
 
-def combine_shards(m_local, s_local, owned, logit_t, cos_t, valid, acc, group):
-    """The loss from every rank's per-row (max, sum-exp) over its classes: all-reduce MAX of the
-    maxima (B,), then all-reduce SUM of (rescaled sum-exp, target logit, target cosine) (3, B), each
-    target held by one rank. Returns ``(loss, m_global, sum_exp, t_global, cos_global, n_valid)``."""
+class Combined(NamedTuple):
+    """What :func:`combine_shards` returns; every field (B,) and identical on every rank, but the
+    scalars ``loss`` and ``n_valid``."""
+    loss: torch.Tensor      # mean cross-entropy over the valid rows
+    m_global: torch.Tensor  # max logit
+    sum_exp: torch.Tensor   # sum_j exp(z_j - m_global)
+    rest: torch.Tensor      # the same without the target: 1 - p_y = rest / sum_exp, exact when tiny
+    t_global: torch.Tensor  # target (margin) logit
+    cos_global: torch.Tensor  # target cosine
+    n_valid: torch.Tensor   # number of valid rows, at least 1
+
+
+def combine_shards(m_local, s_local, r_local, owned, logit_t, cos_t, valid, acc, group) -> Combined:
+    """The loss from every rank's per-row (max, sum-exp, non-target sum-exp) over its classes:
+    all-reduce MAX of the maxima (B,), then all-reduce SUM of (rescaled sum-exp, rescaled non-target
+    sum-exp, target logit, target cosine) (4, B), each target held by one rank.
+
+    A row's loss is ``log(sum_exp) + m - t``; when the target dominates (p_y >= 1/2) it is computed
+    as ``log1p(rest / e_t)``, ``e_t = exp(t - m)``, which keeps its relative precision down to the
+    1e-20 losses of well-separated rows instead of the float32 noise of a difference of ~s."""
     m_global = all_reduce_(m_local.clone(), "max", group)
-    stats = torch.stack([s_local * torch.exp(m_local - m_global),
+    rescale = torch.exp(m_local - m_global)
+    stats = torch.stack([s_local * rescale, r_local * rescale,
                          torch.where(owned, logit_t, 0.0),
-                         torch.where(owned, cos_t, 0.0)])  # (3, B)
+                         torch.where(owned, cos_t, 0.0)])  # (4, B)
     all_reduce_(stats, "sum", group)
-    sum_exp, t_global, cos_global = stats[0], stats[1], stats[2]
+    sum_exp, rest, t_global, cos_global = stats.unbind(0)
     n_valid = valid.sum().clamp_min(1).to(acc)
-    row_loss = torch.where(valid, torch.log(sum_exp) + m_global - t_global, 0.0)
-    return row_loss.sum() / n_valid, m_global, sum_exp, t_global, cos_global, n_valid
+    e_t = torch.exp(t_global - m_global)  # (B,) p_y * sum_exp
+    peaked = e_t >= rest
+    row_loss = torch.where(peaked, torch.log1p(rest / torch.where(peaked, e_t, 1.0)),
+                           torch.log(sum_exp) + m_global - t_global)
+    row_loss = torch.where(valid, row_loss, 0.0)
+    return Combined(row_loss.sum() / n_valid, m_global, sum_exp, rest, t_global, cos_global, n_valid)
 
 
 class MarginSoftmaxCrossEntropy(torch.autograd.Function):
@@ -363,7 +399,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             col_scale = inv_norm * s
 
             buffer = buffer_arg = None
-            m_local = s_local = None
+            m_local = s_local = r_local = None
             for c0 in range(0, num_local, chunk):
                 c1 = min(c0 + chunk, num_local)
                 z, _, arg = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg, sub)
@@ -371,24 +407,26 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 if m_local is None:
                     m_local = m_blk
                     z.sub_(m_local.unsqueeze(1)).exp_()
-                    s_local = z.sum(dim=1)
+                    s_local, r_local = _sums_without_target(z, target, c0, c1)
                 else:
                     m_new = torch.maximum(m_local, m_blk)
                     z.sub_(m_new.unsqueeze(1)).exp_()
-                    s_local = s_local * torch.exp(m_local - m_new) + z.sum(dim=1)
+                    s_blk, r_blk = _sums_without_target(z, target, c0, c1)
+                    rescale = torch.exp(m_local - m_new)
+                    s_local, r_local = s_local * rescale + s_blk, r_local * rescale + r_blk
                     m_local = m_new
                 if chunk == num_local and neg is None:
                     buffer = z  # exp(z - m_local), kept for backward (hard negatives recompute instead)
                     if arg is not None:  # and which sub-center won each entry, one byte each for k <= 256
                         buffer_arg = arg.to(torch.uint8) if k <= 256 else arg
                 del z, arg  # chunked: free this block before the next one is formed
-            loss, m_global, sum_exp, t_global, cos_global, n_valid = combine_shards(
-                m_local, s_local, owned, logit_t, cos_t, valid, acc, group)
+            loss, m_global, sum_exp, rest, t_global, cos_global, n_valid = combine_shards(
+                m_local, s_local, r_local, owned, logit_t, cos_t, valid, acc, group)
 
         ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc, ctx.neg, ctx.sub = s, chunk, mm_dtype, acc, neg, sub
         ctx.x_dtype, ctx.grad_filter = x_global.dtype, grad_filter
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
-                              sum_exp, n_valid, logit_t)
+                              sum_exp, rest, n_valid, logit_t)
         ctx.buffer, ctx.buffer_arg = buffer, buffer_arg  # not saved: backward turns it into the gradient in place
         out_stats = torch.stack([m_global, t_global, cos_global])
         ctx.mark_non_differentiable(out_stats)
@@ -397,7 +435,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         refuse_double_backward("the margin softmax loss")
-        xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global, sum_exp, n_valid, logit_t = \
+        xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global, sum_exp, rest, n_valid, logit_t = \
             ctx.saved_tensors
         s, chunk, mm_dtype, acc = ctx.margin_s, ctx.chunk, ctx.mm_dtype, ctx.acc
         # the first backward consumes the stored exponentials; a repeated one (retain_graph) recomputes
@@ -413,7 +451,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_xhat = torch.zeros_like(xhat)
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)  # weight's dtype
             target_row = target if sub is None else torch.where(target >= 0, target * k + sub.t_sub, -1)
-            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, row_gain, dpsi, grad_xhat, grad_w)
+            t_gain = row_gain * rest / sum_exp  # (B,) g0 (1 - p_y)
+            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, row_gain, t_gain, dpsi, grad_xhat,
+                                   grad_w)
             filtered = None
             if ctx.grad_filter is not None:
                 filtered = _FilteredBackward(ctx.grad_filter, parts, target, sub, g0, acc, x_norm)

@@ -18,8 +18,10 @@ features; a tile's logits exist only on chip:
   block, accumulates A = G'^T x^ in registers (no atomics, deterministic), applies the radial
   projection A_j - (A_j . w_j) w_j / n_j^2 and writes the weight gradient in the weight's dtype.
 
-G'_ij = (p_ij g - [j = y_i] gain_i) * (dpsi_i if j = y_i else 1) / n_j with p_ij g =
-exp(z_ij - m_i) * coef_i, ``coef = gain / sum-exp``, ``gain`` = s * dL/dloss / N on valid rows.
+G'_ij = p_ij g / n_j off the target and -g (1 - p_iy) dpsi_i / n_y on it, with p_ij g =
+exp(z_ij - m_i) * coef_i, ``coef = g / sum-exp``, g = s * dL/dloss / N on valid rows (0 on others),
+and ``t_gain = g (1 - p_y)`` precomputed from the non-target sum-exp that ``forward_kernel`` also
+returns (``g p_y - g`` would be float32 rounding noise once p_y is near 1).
 """
 from __future__ import annotations
 
@@ -40,11 +42,11 @@ def _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE: tl.constexpr, ACC:
 
 
 @triton.jit
-def _tile_grad(z, m, coef, gain, dpsi, inv_n, cols, tgt):
-    """G' of a tile (see the module docstring); 0 on padding rows (coef = gain = 0) and classes."""
+def _tile_grad(z, m, coef, t_gain, dpsi, inv_n, cols, tgt):
+    """G' of a tile (see the module docstring); 0 on padding rows (coef = t_gain = 0) and classes."""
     p = tl.exp(z - m[:, None]) * coef[:, None]
     is_t = cols[None, :] == tgt[:, None]
-    g = tl.where(is_t, (p - gain[:, None]) * dpsi[:, None], p)
+    g = tl.where(is_t, -t_gain[:, None] * dpsi[:, None], p)
     return g * inv_n[None, :]
 
 
@@ -56,7 +58,7 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, B, C, D, stride_x, stride_w,
+def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, R_OUT, B, C, D, stride_x, stride_w,
                    blocks_per_split, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    MM: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(1)
@@ -71,6 +73,7 @@ def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, B, C, D, stri
     s = tl.load(SCALE)
     m = tl.full((BLOCK_B,), float("-inf"), ACC)
     sum_exp = tl.zeros((BLOCK_B,), ACC)
+    rest = tl.zeros((BLOCK_B,), ACC)  # the same without the target column
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(C, BLOCK_C))
     for blk in range(first, last):
@@ -81,14 +84,19 @@ def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, B, C, D, stri
         inv_n = tl.load(INV_N + cols, mask=col_ok, other=0.0)
         z = _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
         m_new = tl.maximum(m, tl.max(z, 1))  # finite: every block has a real class
-        sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        e = tl.exp(z - m_new[:, None])
+        e_rest = tl.where(cols[None, :] == tgt[:, None], 0.0, e)
+        rescale = tl.exp(m - m_new)
+        sum_exp = sum_exp * rescale + tl.sum(e, 1)
+        rest = rest * rescale + tl.sum(e_rest, 1)
         m = m_new
     tl.store(M_OUT + split * B + rows, m, mask=row_ok)
     tl.store(S_OUT + split * B + rows, sum_exp, mask=row_ok)
+    tl.store(R_OUT + split * B + rows, rest, mask=row_ok)
 
 
 @triton.jit
-def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, GAIN, DPSI, GX, B, C, D, stride_x, stride_w,
+def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, T_GAIN, DPSI, GX, B, C, D, stride_x, stride_w,
                   stride_gx, blocks_per_split, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_D: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
                   ATOMIC: tl.constexpr):
@@ -103,7 +111,7 @@ def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, GAIN, DPSI, GX, B, 
     logit_t = tl.load(LOGIT_T + rows, mask=row_ok, other=0.0)
     m = tl.load(M + rows, mask=row_ok, other=0.0)
     coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-    gain = tl.load(GAIN + rows, mask=row_ok, other=0.0)
+    t_gain = tl.load(T_GAIN + rows, mask=row_ok, other=0.0)
     dpsi = tl.load(DPSI + rows, mask=row_ok, other=0.0)
     s = tl.load(SCALE)
     acc = tl.zeros((BLOCK_B, BLOCK_D), ACC)
@@ -116,7 +124,7 @@ def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, GAIN, DPSI, GX, B, 
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(MM)
         inv_n = tl.load(INV_N + cols, mask=col_ok, other=0.0)
         z = _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
-        g = _tile_grad(z, m, coef, gain, dpsi, inv_n, cols, tgt)
+        g = _tile_grad(z, m, coef, t_gain, dpsi, inv_n, cols, tgt)
         acc = _dot_acc(g.to(MM), w, acc, IEEE)  # (BB, BD)
     out = GX + rows[:, None].to(tl.int64) * stride_gx + offs_d[None, :]
     mask = row_ok[:, None] & d_ok[None, :]
@@ -127,7 +135,7 @@ def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, GAIN, DPSI, GX, B, 
 
 
 @triton.jit
-def grad_w_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, GAIN, DPSI, GW, B, C, D, stride_x, stride_w,
+def grad_w_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, T_GAIN, DPSI, GW, B, C, D, stride_x, stride_w,
                   stride_gw, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                   MM: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -149,10 +157,10 @@ def grad_w_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, GAIN, DPSI, GW, B, 
         logit_t = tl.load(LOGIT_T + rows, mask=row_ok, other=0.0)
         m = tl.load(M + rows, mask=row_ok, other=0.0)
         coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-        gain = tl.load(GAIN + rows, mask=row_ok, other=0.0)
+        t_gain = tl.load(T_GAIN + rows, mask=row_ok, other=0.0)
         dpsi = tl.load(DPSI + rows, mask=row_ok, other=0.0)
         z = _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
-        g = _tile_grad(z, m, coef, gain, dpsi, inv_n, cols, tgt)
+        g = _tile_grad(z, m, coef, t_gain, dpsi, inv_n, cols, tgt)
         acc = _dot_acc(tl.trans(g.to(MM)), x, acc, IEEE)  # (BC, BD)
     # dL/dw_j = A_j - (A_j . w_j) w_j / n_j^2, with the weight as stored
     w_acc = w_raw.to(ACC)

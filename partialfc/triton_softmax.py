@@ -162,25 +162,29 @@ class _Launch:
 
 
 def _forward_stats(xhat_mm, weight, inv_norm, target, logit_t, scale, launch: _Launch):
-    """Per-row (max, sum-exp) over this shard's classes: (B,), (B,) in the accumulation dtype."""
+    """Per-row (max, sum-exp, sum-exp without the target) over this shard's classes: three (B,) in the
+    accumulation dtype."""
     from . import triton_kernels as k
     b, d = xhat_mm.shape
     c = weight.shape[0]
     acc = inv_norm.dtype
     if c == 0 or b == 0:
-        return torch.full((b,), -math.inf, dtype=acc, device=xhat_mm.device), xhat_mm.new_zeros(b, dtype=acc)
+        zeros = xhat_mm.new_zeros(b, dtype=acc)
+        return torch.full((b,), -math.inf, dtype=acc, device=xhat_mm.device), zeros, zeros.clone()
     row_blocks, splits, per = launch.split("forward", b, c)
     m_parts = torch.empty(splits, b, dtype=acc, device=xhat_mm.device)
     s_parts = torch.empty(splits, b, dtype=acc, device=xhat_mm.device)
+    r_parts = torch.empty(splits, b, dtype=acc, device=xhat_mm.device)
     bb, bc = launch.tiles["forward"]
     k.forward_kernel[(row_blocks, splits)](
-        xhat_mm, weight, inv_norm, scale, target, logit_t, m_parts, s_parts, b, c, d, xhat_mm.stride(0),
+        xhat_mm, weight, inv_norm, scale, target, logit_t, m_parts, s_parts, r_parts, b, c, d, xhat_mm.stride(0),
         weight.stride(0), per, BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=launch.block_d, MM=launch.mm, ACC=launch.acc,
         IEEE=launch.ieee, num_warps=NUM_WARPS)
     if splits == 1:
-        return m_parts[0], s_parts[0]
+        return m_parts[0], s_parts[0], r_parts[0]
     m_local = m_parts.amax(dim=0)
-    return m_local, (s_parts * torch.exp(m_parts - m_local)).sum(dim=0)
+    rescale = torch.exp(m_parts - m_local)  # (splits, B)
+    return m_local, (s_parts * rescale).sum(dim=0), (r_parts * rescale).sum(dim=0)
 
 
 class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
@@ -213,14 +217,14 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
             dpsi = dpsi.to(acc).contiguous()
             xhat_mm = xhat.to(mm_dtype).contiguous()
             target = target.contiguous()
-            m_local, s_local = _forward_stats(xhat_mm, weight, inv_norm, target, logit_t, scale, launch)
+            m_local, s_local, r_local = _forward_stats(xhat_mm, weight, inv_norm, target, logit_t, scale, launch)
             del xhat_mm
-            loss, m_global, sum_exp, t_global, cos_global, n_valid = combine_shards(
-                m_local, s_local, owned, logit_t, cos_t, valid, acc, group)
+            loss, m_global, sum_exp, rest, t_global, cos_global, n_valid = combine_shards(
+                m_local, s_local, r_local, owned, logit_t, cos_t, valid, acc, group)
 
         ctx.margin_s, ctx.mm_dtype, ctx.acc, ctx.x_dtype, ctx.launch = s, mm_dtype, acc, x_global.dtype, launch
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, scale, target, valid, dpsi, logit_t, m_global,
-                              sum_exp.contiguous(), n_valid)
+                              sum_exp.contiguous(), rest, n_valid)
         out_stats = torch.stack([m_global, t_global, cos_global])
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
@@ -229,7 +233,7 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         refuse_double_backward("the margin softmax loss")
         from . import triton_kernels as k
-        xhat, x_norm, weight, inv_norm, scale, target, valid, dpsi, logit_t, m_global, sum_exp, n_valid = \
+        xhat, x_norm, weight, inv_norm, scale, target, valid, dpsi, logit_t, m_global, sum_exp, rest, n_valid = \
             ctx.saved_tensors
         s, mm_dtype, acc, launch = ctx.margin_s, ctx.mm_dtype, ctx.acc, ctx.launch
         with torch.autocast(xhat.device.type, enabled=False):
@@ -238,6 +242,7 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
             g0 = grad_loss.to(acc) * s / n_valid  # scalar: d loss / d logit * s
             gain = torch.where(valid, g0, 0.0).contiguous()  # (B,)
             coef = (gain / sum_exp).contiguous()  # (B,): g0 p_ij = exp(z_ij - m_i) coef_i
+            t_gain = (gain * rest / sum_exp).contiguous()  # (B,): g0 (1 - p_y), exact when tiny
             m_global = m_global.contiguous()
             xhat_mm = xhat.to(mm_dtype).contiguous()
             grad_xhat = torch.zeros_like(xhat)  # (B, d) accumulation dtype
@@ -248,12 +253,12 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
                 row_blocks, splits, per = launch.split("grad_x", b, c)
                 bb, bc = launch.tiles["grad_x"]
                 k.grad_x_kernel[(row_blocks, splits)](
-                    xhat_mm, weight, inv_norm, scale, target, logit_t, m_global, coef, gain, dpsi, grad_xhat,
+                    xhat_mm, weight, inv_norm, scale, target, logit_t, m_global, coef, t_gain, dpsi, grad_xhat,
                     b, c, d, xhat_mm.stride(0), weight.stride(0), grad_xhat.stride(0), per,
                     BLOCK_B=bb, BLOCK_C=bc, ATOMIC=splits > 1, **common)
                 bb, bc = launch.tiles["grad_w"]
                 k.grad_w_kernel[(math.ceil(c / bc),)](
-                    xhat_mm, weight, inv_norm, scale, target, logit_t, m_global, coef, gain, dpsi, grad_w,
+                    xhat_mm, weight, inv_norm, scale, target, logit_t, m_global, coef, t_gain, dpsi, grad_w,
                     b, c, d, xhat_mm.stride(0), weight.stride(0), grad_w.stride(0),
                     BLOCK_B=bb, BLOCK_C=bc, **common)
             elif c:

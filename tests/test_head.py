@@ -261,3 +261,34 @@ def test_bf16_parameters_match_float64_oracle():
         assert abs(float(loss.detach()) - float(ref[0])) < 0.02 * float(ref[0])
         for got, want in ((xx.grad, ref[1]), (head.weight.grad, ref[2])):
             assert float((got.double() - want).norm() / want.norm()) < 0.05
+
+
+def _peaked_batch(head, b, angle_deg, seed):
+    """Embeddings ``angle_deg`` from their class's row (a random orthogonal direction), as late in
+    training: with s 64 the target's probability is within 1e-8 (30 deg) or 1e-12 (20 deg) of 1."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, head.num_classes, (b,), generator=g)
+    w = torch.nn.functional.normalize(head.weight.detach()[labels].double(), dim=1)
+    u = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    u = torch.nn.functional.normalize(u - (u * w).sum(1, keepdim=True) * w, dim=1)
+    theta = math.radians(angle_deg)
+    return ((math.cos(theta) * w + math.sin(theta) * u) * 3).float(), labels
+
+
+@pytest.mark.parametrize("angle", [20, 30])
+@pytest.mark.parametrize("chunk_size", [None, 300])
+def test_float32_keeps_its_precision_when_the_target_dominates(angle, chunk_size):
+    """float32 head, float64 oracle on the same float32 values: the loss (~1e-8 and ~1e-12) and both
+    gradients to float32 precision. The target's gradient is -(1 - p_y), which must come from the
+    non-target mass: as ``p_y - 1`` in float32 it is 0 or rounding noise (the loss as
+    ``log(sum) + max - target`` likewise), and both gradients were ~70 % off before."""
+    torch.manual_seed(0)
+    margin = CombinedMargin.arcface(s=64.0, m=0.5)
+    head = PartialFC(256, 2000, margin=margin, chunk_size=chunk_size)
+    x, labels = _peaked_batch(head, 16, angle, seed=angle)
+    loss, gx, gw = run_head(head, x, labels)
+    ref_loss, ref_gx, ref_gw = reference_grads(x, head.weight, labels, **margin_kwargs(margin))
+    assert float(ref_loss) < 1e-7  # the regime this test is about
+    assert abs(float(loss) - float(ref_loss)) <= 2e-3 * float(ref_loss)
+    for got, want in ((gx, ref_gx), (gw, ref_gw)):
+        assert float((got.double() - want).norm() / want.norm()) <= 2e-3
