@@ -11,6 +11,7 @@ this runner with the test settings (spawn, one thread, short timeouts).
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import pickle
 import queue
@@ -32,8 +33,12 @@ class RankError(RuntimeError):
     """A rank raised, died or the group timed out."""
 
 
-def _entry(rank, world, init_file, threads, collective_timeout, fn, args, results):
-    """Body of one rank's process: join the group, run ``fn``, report the outcome."""
+def _entry(rank, world, init_file, threads, collective_timeout, fn, args, results, stack_dump_after=None):
+    """Body of one rank's process: join the group, run ``fn``, report the outcome. A rank still
+    running after ``stack_dump_after`` seconds prints every thread's stack to stderr (then goes on),
+    so a rank the parent kills for running past its timeout has said where it was."""
+    if stack_dump_after is not None:
+        faulthandler.dump_traceback_later(stack_dump_after, exit=False)
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         torch.set_num_threads(threads)
@@ -97,8 +102,9 @@ def run_group(fn, world: int, *args, threads: int = 1, timeout: float = 1800.0, 
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
+        dump_after = max(1.0, timeout - 5.0)
         procs = [ctx.Process(target=_entry, args=(r, world, init_file, threads, collective_timeout, fn, args,
-                                                  results), daemon=True) for r in range(world)]
+                                                  results, dump_after), daemon=True) for r in range(world)]
         for p in procs:
             p.start()
         errors = ["(not collected)"]
