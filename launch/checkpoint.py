@@ -37,6 +37,10 @@ get one more); describing our layout to it would need the deprecated ShardedTens
 and overlap reads are simple, need no collective and are plain files any tool can read.
 
 Every file is loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+
+Weights only: a checkpoint whose ``trainer.pt`` has no ``backbone_optimizer`` and whose head files
+have no ``optimizer_*`` entries or ``rng`` (one written by :mod:`launch.import_insightface`) loads
+the weights and leaves both optimizers and the RNG states as the resuming run built them (fresh).
 """
 from __future__ import annotations
 
@@ -253,8 +257,8 @@ def _reshard_rows(path: Path, meta: dict, start: int, end: int, weight: torch.Te
         if lo >= hi and old_rank != 0:  # shard 0 is always read: it carries the param groups
             continue
         shard = _load(path / f"head_rank{old_rank}.pt", mmap=True)
-        param_groups = param_groups or shard["optimizer_param_groups"]
-        for key, value in shard["optimizer_state"].items():
+        param_groups = param_groups or shard.get("optimizer_param_groups")  # absent: weights only
+        for key, value in shard.get("optimizer_state", {}).items():
             if _per_row(value, shard["weight"].shape):
                 if key not in opt_state:
                     opt_state[key] = torch.zeros((rows,) + tuple(value.shape[1:]), dtype=value.dtype)
@@ -296,7 +300,9 @@ def load_checkpoint(path: Path | str, *, backbone: torch.nn.Module, head, backbo
                          f"{head.embedding_size} with {head.sub_centers}")
     backbone.load_state_dict(_load(path / "backbone.pt"))
     trainer = _load(path / "trainer.pt")
-    if backbone_optimizer is not None:
+    if "backbone_optimizer" not in trainer:
+        log.info("checkpoint %s holds no optimizer state (weights only): the optimizers start fresh", path)
+    elif backbone_optimizer is not None:
         backbone_optimizer.load_state_dict(trainer.pop("backbone_optimizer"))
     same_layout = meta["world_size"] == group_size() and \
         meta["shards"][group_rank()] == [head.class_start, head.class_end]
@@ -307,9 +313,9 @@ def load_checkpoint(path: Path | str, *, backbone: torch.nn.Module, head, backbo
     head.step = int(own["head_step"])
     if own.get("margin_state") and isinstance(head.margin, torch.nn.Module):
         head.margin.load_state_dict(own["margin_state"])
-    if head_optimizer is not None:
+    if head_optimizer is not None and param_groups is not None:  # None: weights only, fresh optimizer
         _load_head_optimizer(head_optimizer, head, own, opt_state, param_groups)
-    if same_layout:
+    if same_layout and "rng" in own:
         _set_rng_state(own["rng"])
     trainer["resharded_from"] = None if same_layout else meta["world_size"]
     return trainer
