@@ -215,7 +215,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     the others are still evaluated)."""
     from launch.checkpoint import load_backbone
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--ijb" or a.startswith("--ijb=") for a in argv):  # IJB-B / IJB-C: options of its own
+        from launch.ijb import main as ijb_main
+        return ijb_main(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ijb", metavar="ROOT", help="IJB-B / IJB-C 1:1 verification instead (with --target, "
+                                                      "--checkpoint or --onnx; see python -m launch.ijb --help)")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (…/checkpoints/step_XXXXXXXX)")
     parser.add_argument("--bin", nargs="*", default=[], help="insightface .bin verification sets")
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
