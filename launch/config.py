@@ -307,6 +307,11 @@ class HeadConfig(_Section):
     sparse_grad: bool = False
     seed: int = 0
     sub_centers: int = 1  # sub-center ArcFace: rows per class (any margin); 1 = one row per class
+    # certified gradient filtering (PartialFC(grad_filter=eps)): None = exact gradients; eps >= 0 skips the
+    # backward's class blocks whose softmax-gradient entries are all below eps (in units of s/N; 1.19e-7 =
+    # float32's epsilon); the history logs rank 0's skipped fraction as grad_filter_skipped
+    grad_filter: Optional[float] = None
+    grad_filter_block: int = 256
 
     def validate(self) -> None:
         from partialfc import margin_from_config
@@ -317,6 +322,9 @@ class HeadConfig(_Section):
         _check(0.0 < self.sample_rate <= 1.0, "head", "sample_rate", "be in (0, 1]", self.sample_rate)
         self._at_least("chunk_size", 1, optional=True)
         self._at_least("sub_centers", 1)
+        _check(self.grad_filter is None or 0.0 <= self.grad_filter < float("inf"), "head", "grad_filter",
+               "be null or a finite eps >= 0", self.grad_filter)
+        self._at_least("grad_filter_block", 1)
 
 
 @dataclass

@@ -59,6 +59,8 @@ class Cadence:
                "samples_per_s": self.samples_since / max(now - self.t_last, 1e-9)}
         if self.skipped:
             rec["skipped_steps"] = self.skipped
+        if stats is not None and stats.grad_filter is not None and stats.grad_filter.ready:
+            rec["grad_filter_skipped"] = stats.grad_filter.skipped_fraction  # this rank's class blocks
         self.t_last, self.samples_since = now, 0
         t.history.append(rec)
         if self.progress is not None:
@@ -66,8 +68,9 @@ class Cadence:
                                       lr=f"{rec['lr']:.3g}", sps=f"{rec['samples_per_s']:.0f}")
         log.info(json.dumps(rec))
         if self.writer is not None:
-            for key in ("loss", "train_acc", "lr", "grad_norm", "samples_per_s"):
-                self.writer.add_scalar(f"train/{key}", rec[key], t.step)
+            for key in ("loss", "train_acc", "lr", "grad_norm", "samples_per_s", "grad_filter_skipped"):
+                if key in rec:
+                    self.writer.add_scalar(f"train/{key}", rec[key], t.step)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -126,7 +126,8 @@ def build_head(cfg, num_classes: int, group=None, device=None) -> PartialFC:
     h = cfg.head
     return PartialFC(cfg.model.embedding_size, num_classes, margin=margin_from_config(h),
                      sample_rate=h.sample_rate, chunk_size=h.chunk_size, sparse_grad=h.sparse_grad, seed=h.seed,
-                     sub_centers=h.sub_centers, group=group, device=device)
+                     sub_centers=h.sub_centers, grad_filter=h.grad_filter, grad_filter_block=h.grad_filter_block,
+                     group=group, device=device)
 
 
 class Trainer:

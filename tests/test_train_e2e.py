@@ -187,3 +187,24 @@ def test_channels_last_trains_the_same_model(tmp_path):
     backbone, cfg = load_backbone(nhwc_ckpt)
     x = torch.randn(2, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
     assert backbone(x).shape == (2, cfg.model.embedding_size)
+
+
+def test_grad_filter_from_the_config_logs_the_skipped_fraction(tmp_path):
+    """``head.grad_filter``: the trainer's head filters its backward and the history records the
+    skipped fraction of the class blocks; a huge eps skips every non-target block (the loss still
+    falls: target entries are exact), eps 0 skips none; a negative eps is a config error."""
+    runs = {}
+    for eps in ("0", "1e6"):
+        out = tmp_path / eps
+        cmd = [sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--output_dir", str(out),
+               "--steps", "6", "--ckpt_every", "0", "--log_every", "1", "--head.grad_filter", eps,
+               "--head.grad_filter_block", "4"]
+        proc = run_cmd(cmd)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        history = json.loads((out / "history.json").read_text())["history"]
+        runs[eps] = [r["grad_filter_skipped"] for r in history if "loss" in r]
+    assert runs["0"] == [0.0] * 6
+    assert len(runs["1e6"]) == 6 and all(0.9 <= f <= 1.0 for f in runs["1e6"])
+    proc = run_cmd([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--output_dir", str(tmp_path / "bad"),
+                    "--head.grad_filter", "-1"])
+    assert proc.returncode != 0 and "grad_filter" in proc.stderr
