@@ -29,7 +29,10 @@ by type promotion runs the forward under ``torch.autocast`` with that dtype. ``d
 (the default) runs on fake CPU tensors with what the code chooses by device type set as on
 CUDA: the row slices of :data:`partialfc.softmax.VECDOT_ROWS` and torch's foreach optimizers
 (on CUDA their default; fake tensors run in this process on any machine, with or without a GPU).
-``device="cpu"`` keeps the CPU choices (for-loop optimizers).
+``device="cpu"`` keeps the CPU choices (for-loop optimizers). ``impl`` is the head's
+(``"torch"``, the default, or ``"triton"``: the fused kernels, measured through their custom ops'
+fake implementations, so it needs the triton package but no GPU and no interpreter; a real run
+with ``impl="auto"`` on CUDA takes the triton path when triton is installed).
 
 Not included (pass them as ``reserve``): the inputs outside the head and the backbone, the CUDA
 context, the caching allocator's rounding and fragmentation, collective library buffers, memory a
@@ -58,6 +61,7 @@ import torch
 _DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_BYTES = {name: dt.itemsize for name, dt in _DTYPES.items()}
 OPTIMIZERS = ("sgd", "sgd_momentum", "sparse_sgd", "adamw")
+IMPLS = ("torch", "triton")
 CATEGORIES = ("params", "grads", "activations", "temporaries", "optimizer_state", "other")
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                   "float64": "fp64", "double": "fp64"}
@@ -167,13 +171,15 @@ def plan_memory(num_classes: Optional[int] = None, embedding_size: int = 512, wo
                 mm_dtype: Optional[str] = None, optimizer: str = "sgd_momentum",
                 chunk_size: Optional[int] = None, sparse_grad: Optional[bool] = None,
                 embedding_dtype: Optional[str] = None, device: str = "cuda", weight_decay: float = 0.0,
-                rank: int = 0, classes_per_rank: Optional[int] = None, sub_centers: int = 1) -> dict:
+                rank: int = 0, classes_per_rank: Optional[int] = None, sub_centers: int = 1,
+                impl: str = "torch") -> dict:
     """Per-rank memory of one step of ``PartialFC`` (bytes), measured on fake tensors.
 
     Give ``num_classes`` (all ranks; ``rank`` 0 holds the largest shard) or ``classes_per_rank``.
     ``dtype`` is the parameters' dtype, ``mm_dtype`` the matrix products' (default ``dtype``;
     another one means autocast), ``embedding_dtype`` the embeddings' (default ``mm_dtype``).
     ``sparse_grad`` defaults to ``optimizer == "sparse_sgd"``. ``sub_centers``: rows per class.
+    ``impl``: the head's ``"torch"`` or ``"triton"`` path.
 
     Returns a dict: ``peak`` (bytes), ``breakdown`` (category -> bytes live at the peak; the
     values add up to ``peak``), ``peak_phase``, ``weights``, ``above_weights`` (``peak -
@@ -186,10 +192,12 @@ def plan_memory(num_classes: Optional[int] = None, embedding_size: int = 512, wo
 
 def _config(num_classes, embedding_size, world_size, batch_per_rank, sample_rate, dtype, mm_dtype, optimizer,
             chunk_size, sparse_grad, embedding_dtype, device, weight_decay, rank, classes_per_rank,
-            sub_centers=1) -> dict:
+            sub_centers=1, impl="torch") -> dict:
     """The checked arguments of :func:`plan_memory` as a JSON-able dict."""
     _check_ints(embedding_size=embedding_size, world_size=world_size, batch_per_rank=batch_per_rank,
                 sub_centers=sub_centers)
+    if impl not in IMPLS:
+        raise ValueError(f"plan_memory: impl must be one of {IMPLS}, got {impl!r}")
     if sparse_grad is None:
         sparse_grad = optimizer == "sparse_sgd"
     _check_options(sample_rate, optimizer, chunk_size, device, sparse_grad)
@@ -203,7 +211,7 @@ def _config(num_classes, embedding_size, world_size, batch_per_rank, sample_rate
                 sample_rate=float(sample_rate), dtype=dtype, mm_dtype=mm_dtype, embedding_dtype=embedding_dtype,
                 optimizer=optimizer, chunk_size=chunk_size, sparse_grad=bool(sparse_grad), device=device,
                 weight_decay=float(weight_decay), rank=0 if classes_per_rank is not None else int(rank),
-                sub_centers=sub_centers)
+                sub_centers=sub_centers, impl=impl)
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,7 +317,7 @@ def _meta_head(cfg: dict, sample_rate: float):
     return PartialFC(cfg["embedding_size"], cfg["num_classes"], sample_rate=sample_rate,
                      chunk_size=cfg["chunk_size"], sparse_grad=cfg["sparse_grad"], validate=False,
                      uniform_batch=True, sub_centers=cfg.get("sub_centers", 1), device="meta",
-                     dtype=_DTYPES[cfg["dtype"]])
+                     dtype=_DTYPES[cfg["dtype"]], impl=cfg.get("impl", "torch"))
 
 
 @contextlib.contextmanager
@@ -626,7 +634,8 @@ def format_plan(plan: dict) -> str:
         f"d = {plan['embedding_size']}, global batch B = {plan['global_batch']} "
         f"({plan['batch_per_rank']} per rank), params {plan['dtype']}, matmul {plan['mm_dtype']}, "
         f"embeddings {plan['embedding_dtype']}, optimizer {plan['optimizer']}"
-        f"{' (sparse rows)' if plan['sparse_grad'] else ''}, device model {plan['device']}",
+        f"{' (sparse rows)' if plan['sparse_grad'] else ''}, device model {plan['device']}"
+        + (f", impl {plan['impl']}" if plan.get("impl", "torch") != "torch" else ""),
         f"measured on fake tensors in {plan['seconds']:.1f} s (the real head, rank 0, fake process group)",
         "",
         f"{'per rank, live at the peak':52s} {'fwd+bwd':>12s} {'train step':>12s}",
@@ -677,6 +686,8 @@ def _add_type_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay")
     p.add_argument("--chunk-size", type=int, default=None, help="PartialFC chunk_size (default: materialized)")
     p.add_argument("--sub-centers", type=int, default=1, help="rows per class (sub-center ArcFace; default 1)")
+    p.add_argument("--impl", default="torch", choices=IMPLS,
+                   help="the head's path: torch (default) or triton (fused kernels, never forms B x C_local)")
     sg = p.add_mutually_exclusive_group()
     sg.add_argument("--sparse-grad", dest="sparse_grad", action="store_true", default=None,
                     help="sparse row gradients (default with --optimizer sparse_sgd)")
@@ -692,7 +703,7 @@ def main(argv=None) -> int:
                   batch_per_rank=args.batch_per_rank, sample_rate=args.sample_rate, dtype=args.dtype,
                   mm_dtype=args.mm_dtype, optimizer=args.optimizer, chunk_size=args.chunk_size,
                   sparse_grad=args.sparse_grad, embedding_dtype=args.embedding_dtype, device=args.device,
-                  weight_decay=args.weight_decay, sub_centers=args.sub_centers)
+                  weight_decay=args.weight_decay, sub_centers=args.sub_centers, impl=args.impl)
     try:
         if args.classes_per_rank is not None:
             plan = plan_memory(classes_per_rank=args.classes_per_rank, **kwargs)
