@@ -155,9 +155,10 @@ def measure_memory_cuda(case: Case, device, steps: int = 2) -> dict:
 
 def predict(cfg: BenchConfig, variant: str, device: str) -> Optional[dict]:
     """The planner's prediction for a variant (None for the baseline head and the margins the
-    planner does not model: AdaFace, CurricularFace, the triton kernels; ``filtered`` is planned as
-    ``materialized``, ``filtered_sparse``, whose sparse gradient holds a varying share of the rows, not at all)."""
-    if variant in ("baseline", "adaface", "curricularface", "triton", "filtered_sparse"):
+    planner does not model: AdaFace, CurricularFace; ``filtered`` is planned as ``materialized``,
+    ``filtered_sparse``, whose sparse gradient holds a varying share of the rows, not at all; the
+    triton kernels through their custom ops' fake implementations)."""
+    if variant in ("baseline", "adaface", "curricularface", "filtered_sparse"):
         return None
     return plan_memory(classes_per_rank=cfg.classes_per_rank, embedding_size=cfg.embedding_size,
                        world_size=cfg.world_size, batch_per_rank=cfg.batch_per_rank,
@@ -166,4 +167,5 @@ def predict(cfg: BenchConfig, variant: str, device: str) -> Optional[dict]:
                        optimizer="sparse_sgd" if variant == "sampled_sparse" else "sgd_momentum",
                        chunk_size=cfg.chunk_size if variant == "chunked" else None,
                        sparse_grad=variant == "sampled_sparse", device=device,
-                       sub_centers=SUB_CENTERS if variant == "subcenter" else 1)
+                       sub_centers=SUB_CENTERS if variant == "subcenter" else 1,
+                       impl="triton" if variant == "triton" else "torch")
