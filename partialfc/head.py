@@ -7,7 +7,7 @@ Data flow of one step on rank r (B_r local samples, B = sum of B_r over the grou
     2. x_local (B_r, d), labels (B_r,) --all-gather--> x_global (B, d), labels_global (B,)
     3. optional Partial FC sampling of this shard's classes (positives + random negatives)
     4. margin softmax cross-entropy over all (sampled) classes of all ranks:
-       all-reduce MAX (B,) + all-reduce SUM (3, B)
+       all-reduce MAX (B,) + all-reduce SUM (4, B)
     backward: no collective in the loss; reduce-scatter of the embedding gradient (B, d).
 """
 from __future__ import annotations

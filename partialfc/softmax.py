@@ -10,8 +10,8 @@ Every rank holds the gathered batch ``x_global`` (B, d) and its own weight rows 
 Forward, per rank: logits by one matrix product per block (the block is all of C_local, or
 ``chunk_size`` classes), scaled in place by ``s / n_j``; local row max; exp and row sum in place;
 then 2 collectives whose size never depends on the number of classes:
-``all_reduce(MAX)`` of the row maxima (B,) and ``all_reduce(SUM)`` of (rescaled sum-exp, target
-logit, target cosine) (3, B). Backward: no collective here (the embedding gradient's
+``all_reduce(MAX)`` of the row maxima (B,) and ``all_reduce(SUM)`` of (rescaled sum-exp, rescaled
+sum-exp without the target, target logit, target cosine) (4, B). Backward: no collective here (the embedding gradient's
 reduce-scatter belongs to :class:`partialfc.collectives.GatherEmbeddings`):
 
     G'_ij = (s/N) (p_ij - [j = y_i] ) * (psi'(cos_iy) if j = y_i else 1) / n_j     (B, C_local)

@@ -9,7 +9,7 @@ Triton kernels (:mod:`partialfc.triton_kernels`) that form each (rows x classes)
               per-row margin such as AdaFace works unchanged);
               kernel: per tile x^ W^T * s/|w_j|, target entry replaced, online row max / sum-exp ->
               partial (max, sum-exp) per row and class split, combined in torch (O(splits * B));
-              all-reduce MAX (B,) then all-reduce SUM (3, B): the same 2 collectives.
+              all-reduce MAX (B,) then all-reduce SUM (4, B): the same 2 collectives.
     backward  kernel 1 (row blocks x class splits): recompute, G', grad_x^ += G' W_tile (fp32, B x d);
               kernel 2 (class blocks): recompute, A = G'^T x^ in registers, radial projection, write
               dL/dW in the weight's dtype; the projection through x^ = x/|x| in torch (O(B d)).

@@ -47,9 +47,9 @@ def test_quick_run_writes_its_files(quick_run):
 def _ring_bytes(w, br, d):
     """What the heads send per step (ring model, fp32, W = w, B_r = br)."""
     b = w * br
-    # PartialFC: all-gather of [x | labels] rows, all-reduce MAX (B,) and SUM (3, B), reduce-scatter of
-    # the (B, d) embedding gradient
-    head = (w - 1) * br * (d * 4 + 8) + 2 * (w - 1) / w * (b * 4 + 3 * b * 4) + (w - 1) * br * d * 4
+    # PartialFC: all-gather of [x | labels] rows, all-reduce MAX (B,) and SUM (4, B: sum-exp, non-target
+    # sum-exp, target logit, target cosine), reduce-scatter of the (B, d) embedding gradient
+    head = (w - 1) * br * (d * 4 + 8) + 2 * (w - 1) / w * (b * 4 + 4 * b * 4) + (w - 1) * br * d * 4
     # baseline: all-gather of x and of the labels, all-reduce MAX (B,) and two SUM (B,), reduce-scatter
     baseline = (w - 1) * br * d * 4 + (w - 1) * br * 8 + 2 * (w - 1) / w * 3 * b * 4 + (w - 1) * br * d * 4
     return round(head), round(baseline)
