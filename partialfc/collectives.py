@@ -48,6 +48,19 @@ def all_gather_rows(x: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor
     return out
 
 
+def batch_sizes_or_raise(batch: int, ok: bool, what: str, device, group: ProcessGroup = None) -> list[int]:
+    """Every rank's batch size, after every rank's input check: one all-gather of (batch, ok) per
+    rank, read on the host. When any rank's check failed, every rank raises the same ValueError,
+    ``f"{what}; not so on rank(s) [...]"``, instead of the good ranks waiting in a collective the
+    bad one never joins."""
+    record = torch.tensor([[batch if ok else 0, int(ok)]], dtype=torch.int64, device=device)
+    records = all_gather_rows(record, group).tolist()  # (W, 2)
+    bad = [r for r, (_, good) in enumerate(records) if not good]
+    if bad:
+        raise ValueError(f"{what}; not so on rank(s) {bad}")
+    return [b for b, _ in records]
+
+
 def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group: ProcessGroup = None) -> torch.Tensor:
     """All ranks' ``x`` (sizes[r], ...) stacked rank-major: (sum(sizes), ...). The rows are padded to
     ``max(sizes)`` for one all-gather and the padding dropped. No autograd."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .collectives import ProcessGroup, all_gather_rows, all_gather_uneven, group_rank, group_size, is_distributed
+from .collectives import (ProcessGroup, all_gather_rows, all_gather_uneven, batch_sizes_or_raise, group_rank,
+                          group_size, is_distributed)
 
 
 def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,15 +56,11 @@ def sharded_topk(embeddings: torch.Tensor, weight: torch.Tensor, class_start: in
         raise ValueError(f"predict: k must be in [1, num_classes={num_classes}], got {k}")
     k_local = min(k, weight.shape[0] // sub_centers)
     ok = embeddings.dim() == 2 and embeddings.shape[1] == weight.shape[1] and embeddings.is_floating_point()
-    record = torch.tensor([[embeddings.shape[0] if ok else 0, int(ok)]], dtype=torch.int64, device=weight.device)
-    records = all_gather_rows(record, group).tolist()  # (W, 2) batch sizes and checks: the one host read
-    bad = [r for r, (_, good) in enumerate(records) if not good]
-    if bad:  # the same error on every rank
-        raise ValueError(f"predict: embeddings must be floating (batch, {weight.shape[1]}) tensors; "
-                         f"not so on rank(s) {bad}")
+    sizes = batch_sizes_or_raise(embeddings.shape[0] if embeddings.dim() else 0, ok,  # the one host read
+                                 f"predict: embeddings must be floating (batch, {weight.shape[1]}) tensors",
+                                 weight.device, group)
     if not is_distributed(group):
         return local_topk(embeddings, weight, class_start, k_local, chunk, sub_centers)
-    sizes = [b for b, _ in records]
     x_global = all_gather_uneven(embeddings, sizes, group)  # (B, d)
     scores, ids = local_topk(x_global, weight, class_start, k_local, chunk, sub_centers)  # (B, k_local)
     if k_local < k:  # a small shard: pad its candidates so every rank sends (B, k)

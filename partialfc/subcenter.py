@@ -28,24 +28,17 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .collectives import all_gather_rows, all_gather_uneven, all_reduce_
+from .collectives import all_gather_uneven, all_reduce_, batch_sizes_or_raise
 
 
 def _gathered(head, embeddings: torch.Tensor, labels: torch.Tensor):
     """``(x_global (B, d) normalised float32+, labels_global (B,), local slice)`` for this rank's rows."""
-    if embeddings.dim() != 2 or embeddings.shape[1] != head.embedding_size or labels.dim() != 1 \
-            or labels.shape[0] != embeddings.shape[0]:
-        problem = 1
-    else:
-        problem = 0
+    ok = embeddings.dim() == 2 and embeddings.shape[1] == head.embedding_size and labels.dim() == 1 \
+        and labels.shape[0] == embeddings.shape[0]
     device = head.weight.device
-    record = torch.tensor([[embeddings.shape[0] if not problem else 0, problem]], dtype=torch.int64, device=device)
-    records = all_gather_rows(record, head.group).tolist()  # batch sizes and checks: the one host read
-    bad = [r for r, (_, p) in enumerate(records) if p]
-    if bad:  # the same error on every rank
-        raise ValueError(f"sub-center cleaning: embeddings must be (batch, {head.embedding_size}) with one label per "
-                         f"row; not so on rank(s) {bad}")
-    sizes = [b for b, _ in records]
+    sizes = batch_sizes_or_raise(embeddings.shape[0] if embeddings.dim() else 0, ok,  # the one host read
+                                 f"sub-center cleaning: embeddings must be (batch, {head.embedding_size}) with one "
+                                 "label per row", device, head.group)
     x = embeddings.detach().to(device)
     x = x.to(_dtype(head, x))
     x_global = F.normalize(all_gather_uneven(x, sizes, head.group), dim=1)

@@ -272,6 +272,23 @@ def test_cleaning_functions_check_their_inputs():
         sub_center_counts(head, torch.randn(2, D + 1), torch.tensor([0, 1]))
 
 
+def _bad_cleaning_input_on_one(rank, world):
+    head = PartialFC(D, 8, sub_centers=K)
+    labels = torch.tensor([0, 1, 2]) if rank == 0 else torch.tensor([0, 1])  # rank 1: one label short
+    try:
+        sub_center_counts(head, torch.randn(3, D), labels)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_bad_cleaning_input_on_one_rank_is_the_same_error_everywhere():
+    """Rank 1 alone gives a label too few: both ranks raise the same error naming rank 1 (no hang
+    in the gather that rank 1 would have joined with another batch size)."""
+    messages = run_distributed(_bad_cleaning_input_on_one, 2)
+    assert messages[0] == messages[1] and "rank(s) [1]" in messages[0] and "one label per row" in messages[0]
+
+
 # --- the training app: config, checkpoint, resume on another world size ---------------------------
 def test_trainer_checkpoints_and_resumes_sub_centers_on_another_world_size(tmp_path):
     """2 ranks train 2 steps with 3 sub-centers; the checkpoint holds 3 rows per class, and one
