@@ -58,18 +58,35 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, TGT, LOGIT_T, rows, B, offs_d, D, stride_x, MM: tl.constexpr):
+    """A row block: (row_ok (BB,), x^ (BB, BD) in MM, target column (BB,), margin logit (BB,))."""
+    row_ok = rows < B
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0).to(MM)
+    tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
+    logit_t = tl.load(LOGIT_T + rows, mask=row_ok, other=0.0)
+    return row_ok, x, tgt, logit_t
+
+
+@triton.jit
+def _load_grad_terms(M, COEF, T_GAIN, DPSI, rows, row_ok):
+    """The backward's per-row terms of a row block: (global max, coef, t_gain, dpsi), each (BB,)."""
+    m = tl.load(M + rows, mask=row_ok, other=0.0)
+    coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+    t_gain = tl.load(T_GAIN + rows, mask=row_ok, other=0.0)
+    dpsi = tl.load(DPSI + rows, mask=row_ok, other=0.0)
+    return m, coef, t_gain, dpsi
+
+
+@triton.jit
 def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, R_OUT, B, C, D, stride_x, stride_w,
                    blocks_per_split, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                    MM: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(MM)
-    tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
-    logit_t = tl.load(LOGIT_T + rows, mask=row_ok, other=0.0)
+    row_ok, x, tgt, logit_t = _load_rows(X, TGT, LOGIT_T, rows, B, offs_d, D, stride_x, MM)
     s = tl.load(SCALE)
     m = tl.full((BLOCK_B,), float("-inf"), ACC)
     sum_exp = tl.zeros((BLOCK_B,), ACC)
@@ -102,17 +119,10 @@ def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, T_GAIN, DPSI, GX, B
                   ATOMIC: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(MM)
-    tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
-    logit_t = tl.load(LOGIT_T + rows, mask=row_ok, other=0.0)
-    m = tl.load(M + rows, mask=row_ok, other=0.0)
-    coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-    t_gain = tl.load(T_GAIN + rows, mask=row_ok, other=0.0)
-    dpsi = tl.load(DPSI + rows, mask=row_ok, other=0.0)
+    row_ok, x, tgt, logit_t = _load_rows(X, TGT, LOGIT_T, rows, B, offs_d, D, stride_x, MM)
+    m, coef, t_gain, dpsi = _load_grad_terms(M, COEF, T_GAIN, DPSI, rows, row_ok)
     s = tl.load(SCALE)
     acc = tl.zeros((BLOCK_B, BLOCK_D), ACC)
     first = split * blocks_per_split
@@ -150,15 +160,8 @@ def grad_w_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, T_GAIN, DPSI, GW, B
     acc = tl.zeros((BLOCK_C, BLOCK_D), ACC)
     for r0 in range(0, B, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(MM)
-        tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
-        logit_t = tl.load(LOGIT_T + rows, mask=row_ok, other=0.0)
-        m = tl.load(M + rows, mask=row_ok, other=0.0)
-        coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-        t_gain = tl.load(T_GAIN + rows, mask=row_ok, other=0.0)
-        dpsi = tl.load(DPSI + rows, mask=row_ok, other=0.0)
+        row_ok, x, tgt, logit_t = _load_rows(X, TGT, LOGIT_T, rows, B, offs_d, D, stride_x, MM)
+        m, coef, t_gain, dpsi = _load_grad_terms(M, COEF, T_GAIN, DPSI, rows, row_ok)
         z = _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
         g = _tile_grad(z, m, coef, t_gain, dpsi, inv_n, cols, tgt)
         acc = _dot_acc(tl.trans(g.to(MM)), x, acc, IEEE)  # (BC, BD)
