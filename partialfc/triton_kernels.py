@@ -69,6 +69,18 @@ def _load_rows(X, TGT, LOGIT_T, rows, B, offs_d, D, stride_x, MM: tl.constexpr):
 
 
 @triton.jit
+def _block_logits(x, W, INV_N, blk, C, offs_d, D, stride_w, s, tgt, logit_t, BLOCK_C: tl.constexpr,
+                  MM: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """Class block ``blk`` against the row block x: (cols (BC,), w (BC, BD) in MM, 1/n (BC,), logits)."""
+    cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0).to(MM)
+    inv_n = tl.load(INV_N + cols, mask=col_ok, other=0.0)
+    return cols, w, inv_n, _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
+
+
+@triton.jit
 def _load_grad_terms(M, COEF, T_GAIN, DPSI, rows, row_ok):
     """The backward's per-row terms of a row block: (global max, coef, t_gain, dpsi), each (BB,)."""
     m = tl.load(M + rows, mask=row_ok, other=0.0)
@@ -85,7 +97,6 @@ def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, R_OUT, B, C, 
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     row_ok, x, tgt, logit_t = _load_rows(X, TGT, LOGIT_T, rows, B, offs_d, D, stride_x, MM)
     s = tl.load(SCALE)
     m = tl.full((BLOCK_B,), float("-inf"), ACC)
@@ -94,12 +105,8 @@ def forward_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M_OUT, S_OUT, R_OUT, B, C, 
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(C, BLOCK_C))
     for blk in range(first, last):
-        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(MM)
-        inv_n = tl.load(INV_N + cols, mask=col_ok, other=0.0)
-        z = _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
+        cols, w, inv_n, z = _block_logits(x, W, INV_N, blk, C, offs_d, D, stride_w, s, tgt, logit_t, BLOCK_C,
+                                          MM, IEEE, ACC)
         m_new = tl.maximum(m, tl.max(z, 1))  # finite: every block has a real class
         e = tl.exp(z - m_new[:, None])
         e_rest = tl.where(cols[None, :] == tgt[:, None], 0.0, e)
@@ -128,12 +135,8 @@ def grad_x_kernel(X, W, INV_N, SCALE, TGT, LOGIT_T, M, COEF, T_GAIN, DPSI, GX, B
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(C, BLOCK_C))
     for blk in range(first, last):
-        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        w = tl.load(W + cols[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(MM)
-        inv_n = tl.load(INV_N + cols, mask=col_ok, other=0.0)
-        z = _tile_logits(x, w, inv_n, s, cols, C, tgt, logit_t, IEEE, ACC)
+        cols, w, inv_n, z = _block_logits(x, W, INV_N, blk, C, offs_d, D, stride_w, s, tgt, logit_t, BLOCK_C,
+                                          MM, IEEE, ACC)
         g = _tile_grad(z, m, coef, t_gain, dpsi, inv_n, cols, tgt)
         acc = _dot_acc(g.to(MM), w, acc, IEEE)  # (BB, BD)
     out = GX + rows[:, None].to(tl.int64) * stride_gx + offs_d[None, :]
