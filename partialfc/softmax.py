@@ -107,12 +107,17 @@ def _to_rows(g, arg, k):
     return rows.view(g.shape[0], g.shape[1] * k)
 
 
+def _target_column(target, c0, c1):
+    """Where the rows' targets sit in a block of classes [c0, c1): ``in_block`` (B,) bool and ``col``
+    (B, 1), the target's column (clamped into the block for the rows whose target is elsewhere)."""
+    return (target >= c0) & (target < c1), (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
+
+
 def _hard_negatives(z, target, c0, c1, neg):
     """``s cos_j -> s cos_j (t + cos_j)`` where ``cos_j > thr_i`` (not on the target): (z, factor)."""
     cos = z / neg.s  # (B, cb)
     hard = cos > neg.thr.unsqueeze(1)
-    in_block = (target >= c0) & (target < c1)  # the target entry is replaced by the margin logit
-    col = (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)
+    in_block, col = _target_column(target, c0, c1)  # the target entry is replaced by the margin logit
     hard.scatter_(1, col, hard.gather(1, col) & ~in_block.unsqueeze(1))
     factor = torch.where(hard, neg.t + 2 * cos, torch.ones_like(cos))
     return torch.where(hard, z * (neg.t + cos), z), factor
@@ -120,8 +125,7 @@ def _hard_negatives(z, target, c0, c1, neg):
 
 def _put_target(z, target, c0, c1, new_value):
     """``z[i, y_i - c0] = new_value(z[i, y_i - c0])`` for the rows whose target is in [c0, c1)."""
-    in_block = (target >= c0) & (target < c1)  # (B,)
-    col = (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)  # (B, 1)
+    in_block, col = _target_column(target, c0, c1)  # (B,), (B, 1)
     old = z.gather(1, col).squeeze(1)
     z.scatter_(1, col, torch.where(in_block, new_value(old), old).unsqueeze(1))
 
@@ -133,8 +137,7 @@ def _sums_without_target(e, target, c0, c1):
     well-classified row the non-target mass ``1 - p_y`` (1e-8 and less with s = 64) is far below
     the float32 resolution of the total, so a difference would be rounding noise, and that mass is
     the target's gradient (see the backward)."""
-    in_block = (target >= c0) & (target < c1)  # (B,)
-    col = (target - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)  # (B, 1)
+    in_block, col = _target_column(target, c0, c1)  # (B,), (B, 1)
     saved = e.gather(1, col)  # (B, 1)
     e.scatter_(1, col, torch.where(in_block.unsqueeze(1), 0.0, saved))
     rest = e.sum(dim=1)
@@ -149,8 +152,8 @@ class _BackwardParts(NamedTuple):
     weight: torch.Tensor     # (C_local, d) weights as stored
     inv_norm: torch.Tensor   # (C_local,) 1 / |w_j|
     target: torch.Tensor     # (B,) local target row (with sub-centers: the nearest row of the class) or -1
-    row_gain: torch.Tensor   # (B,) s * dL/dloss / N on valid rows, else 0
-    t_gain: torch.Tensor     # (B,) row_gain * (1 - p_y), 1 - p_y from the non-target sum-exp (exact when tiny)
+    t_gain: torch.Tensor     # (B,) s dL/dloss / N * (1 - p_y) on valid rows (else 0), 1 - p_y from the
+                             # non-target sum-exp (exact when tiny)
     dpsi: torch.Tensor       # (B,) d psi / d cos of each row's target
     grad_xhat: torch.Tensor  # (B, d) accumulated
     grad_w: torch.Tensor     # (C_local, d) written block by block
@@ -163,7 +166,7 @@ def _grad_block(g, c0, c1, p: _BackwardParts):
     ``grad_w`` has the weight's dtype; the radial projection runs in the accumulation dtype on
     row slices, so no full-size higher-precision copy of the weights or of their gradient exists.
     """
-    xhat_mm, w_mm, weight, inv_norm, target, row_gain, t_gain, dpsi, grad_xhat, grad_w = p
+    xhat_mm, w_mm, weight, inv_norm, target, t_gain, dpsi, grad_xhat, grad_w = p
     acc = g.dtype
     g.mul_(inv_norm[c0:c1])
     if g.shape[0]:
@@ -248,8 +251,7 @@ class _FilteredBackward:
             _grad_block(q if k == 1 else _to_rows(q, arg, k), c0 * k, c1 * k, p)
             return
         target = self.target
-        in_blk = (target >= c0) & (target < c1)  # (B,)
-        col = (target - c0).clamp(0, cb - 1).unsqueeze(1)  # (B, 1)
+        in_blk, col = _target_column(target, c0, c1)  # (B,), (B, 1)
         saved = q.gather(1, col)  # (B, 1): restored below, bit for bit
         q.scatter_(1, col, torch.where(in_blk.unsqueeze(1), 0.0, saved))  # the max is over non-targets
         mag = q.abs() if signed or self.negative else q
@@ -452,8 +454,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)  # weight's dtype
             target_row = target if sub is None else torch.where(target >= 0, target * k + sub.t_sub, -1)
             t_gain = row_gain * rest / sum_exp  # (B,) g0 (1 - p_y)
-            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, row_gain, t_gain, dpsi, grad_xhat,
-                                   grad_w)
+            parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, t_gain, dpsi, grad_xhat, grad_w)
             filtered = None
             if ctx.grad_filter is not None:
                 filtered = _FilteredBackward(ctx.grad_filter, parts, target, sub, g0, acc, x_norm)
