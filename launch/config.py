@@ -249,6 +249,9 @@ class DataConfig(_Section):
     num_workers: int = 0
     augment: bool = True
     hflip: bool = False
+    # Glyphs: stroke-weight jitter of the augmentation, blending each image toward its 3x3 dilation
+    # or erosion by up to this fraction (0 = off); see launch.data.transforms.BatchRandomAffine.
+    stroke_jitter: float = 0.0
     synthetic_classes: int = 64
     synthetic_per_class: int = 8
 
@@ -259,6 +262,7 @@ class DataConfig(_Section):
         self._at_least("heldout_classes", 0)
         self._at_least("val_classes", 0)
         self._at_least("num_workers", 0)
+        _check(0.0 <= self.stroke_jitter <= 1.0, "data", "stroke_jitter", "be in [0, 1]", self.stroke_jitter)
         _check(
             self.val_classes == 0 or self.dataset not in ("recordio", "folder"),
             "data", "val_classes", f"be 0 for dataset {self.dataset!r} (no open-set evaluation)",

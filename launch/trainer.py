@@ -143,6 +143,7 @@ class Trainer:
         _setup_logging(self.out, self.rank)
         set_threads(cfg, self.world)
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # augmentation draws differ per rank
+        self.aug_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.rank)  # batch augmentation
         self.device = pick_device(local_rank)
         self.data = self._load_data()
         self._build_model()
@@ -222,6 +223,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> StepResult:
         """Forward and backward of one micro-batch; gradients accumulate (DDP syncs when ``sync``)."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if self.data.batch_transform is not None:  # augmentation of the whole batch, on the device
+            images = self.data.batch_transform(images, generator=self.aug_generator)
         if self.cfg.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         no_sync = getattr(self.model, "no_sync", None)

@@ -89,7 +89,8 @@ def test_run_data_glyphs_one_load_both_splits(tmp_path, monkeypatch):
     data = D.build_run_data(cfg.data, seed=1)
     assert len(loads) == 1  # the cache is read once for both splits
     assert data.num_classes == 23 and data.train.num_classes == 23
-    assert isinstance(data.train.transform, D.RandomAffine) and data.train.transform.hflip_p == 0.5
+    assert data.train.transform is None  # glyphs are augmented per batch, on the training device
+    assert isinstance(data.batch_transform, D.BatchRandomAffine) and data.batch_transform.hflip_p == 0.5
     train_gs, held_gs = D.split_glyphs(D.load_glyphs(loads[0], min_designs=4), 7, seed=1)
     assert data.train.glyphs.chars == train_gs.chars
     held = data.heldout  # the held-out identities as GlyphDataset items, untransformed

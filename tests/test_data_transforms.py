@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.data.transforms import (Compose, RandomAffine, RandomHorizontalFlip, affine,
-                                    build_transform, to_float)
+from launch.data.transforms import (BatchRandomAffine, Compose, RandomAffine, RandomHorizontalFlip, affine,
+                                    build_batch_transform, build_transform, to_float)
 
 
 def test_to_float_layouts_and_values():
@@ -115,3 +115,46 @@ def test_build_transform_takes_the_flip_probability():
     assert build_transform("glyph").hflip_p == 0.0 and build_transform("glyph", hflip_p=0.5).hflip_p == 0.5
     assert build_transform("face").p == 0.5 and build_transform("face", hflip_p=0.0).p == 0.0
     assert build_transform("glyph", train=False, hflip_p=0.5) is None
+
+
+def test_batch_affine_equals_the_per_image_affine():
+    """The batched resampling gives, image by image, what affine() gives for the drawn parameters."""
+    t = BatchRandomAffine(max_shift=0.1, scale=(0.8, 1.2), max_rotate_deg=15, hflip_p=0.5)
+    x = torch.rand(24, 2, 12, 10, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    p = t.draw(24, 12, 10, torch.Generator().manual_seed(5))
+    assert 0 < int(p["flip"].sum()) < 24 and float(p["angle"].abs().max()) <= 15
+    assert float(p["dx"].abs().max()) <= 0.1 * 10 and float(p["dy"].abs().max()) <= 0.1 * 12
+    out = t.apply(x, p)
+    for i in range(24):
+        ref = affine(x[i], float(p["angle"][i]), float(p["scale"][i]), (float(p["dx"][i]), float(p["dy"][i])),
+                     bool(p["flip"][i]), -1.0).clamp(-1, 1)
+        assert torch.allclose(out[i], ref, atol=1e-6), i
+    assert torch.equal(t(x, generator=torch.Generator().manual_seed(5)), out)  # seeded: reproducible
+    assert not torch.equal(t(x, generator=torch.Generator().manual_seed(6)), out)
+    assert x.min() >= -1  # the caller's batch is not modified in place
+    assert torch.equal(x, torch.rand(24, 2, 12, 10, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+
+
+def test_batch_affine_stroke_jitter_makes_strokes_bolder_and_lighter():
+    """stroke > 0 blends toward the 3x3 dilation (a > 0) or erosion (a < 0) of bright strokes."""
+    x = torch.full((2, 1, 9, 9), -1.0)
+    x[:, :, 4, 2:7] = 1.0  # one bright horizontal stroke, 1 px wide
+    t = BatchRandomAffine(max_shift=0, scale=(1, 1), max_rotate_deg=0, stroke=1.0)
+    p = t.draw(2, 9, 9)
+    p["stroke"] = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    out = t.apply(x, p)
+    bold = torch.nn.functional.max_pool2d(x, 3, 1, 1)
+    assert torch.allclose(out[0], bold[0], atol=1e-6)  # fully bold: the 3-px wide dilation
+    assert (out[0] > -1).sum() == 21 and out[1].max() == -1  # erosion removes a 1-px stroke
+    p["stroke"] = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    half = t.apply(x, p)
+    assert torch.allclose(half[0], (x[0] + bold[0]) / 2, atol=1e-6) and torch.allclose(half[1], x[1], atol=1e-6)
+    with pytest.raises(ValueError, match="stroke"):
+        BatchRandomAffine(stroke=1.5)
+
+
+def test_build_batch_transform_kinds():
+    assert build_batch_transform("glyph", train=False) is None and build_batch_transform("face") is None
+    g = build_batch_transform("glyph", hflip_p=0.5, stroke=0.3)
+    assert isinstance(g, BatchRandomAffine) and g.hflip_p == 0.5 and g.stroke == 0.3
+    assert g(torch.zeros(3, 1, 8, 8)).shape == (3, 1, 8, 8)

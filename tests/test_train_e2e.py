@@ -208,3 +208,26 @@ def test_grad_filter_from_the_config_logs_the_skipped_fraction(tmp_path):
     proc = run_cmd([sys.executable, "-m", "launch.train", "--config", str(CONFIG), "--output_dir", str(tmp_path / "bad"),
                     "--head.grad_filter", "-1"])
     assert proc.returncode != 0 and "grad_filter" in proc.stderr
+
+
+def test_trainer_augments_each_batch_on_its_device(tmp_path):
+    """``RunData.batch_transform`` (the glyphs' batched augmentation) runs once per micro-batch on the
+    trainer's device, with the trainer's seeded generator, and its output is what the backbone sees."""
+    import torch
+    from launch.config import load_config
+    from launch.trainer import Trainer
+    cfg = load_config(str(CONFIG), ["--output_dir", str(tmp_path), "--steps", "1", "--ckpt_every", "0"])
+    trainer = Trainer(cfg)
+    calls, seen = [], []
+
+    def spy(images, generator=None):
+        calls.append((images.device, images.shape, generator))
+        return torch.zeros_like(images)
+
+    trainer.data.batch_transform = spy
+    trainer.model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    images, labels = next(iter(trainer.loader))
+    trainer.train_step(images, labels, sync=True)
+    assert len(calls) == 1 and calls[0][0] == trainer.device and calls[0][1] == images.shape
+    assert calls[0][2] is trainer.aug_generator
+    assert len(seen) == 1 and seen[0].abs().max() == 0 and images.abs().max() > 0  # the augmented batch

@@ -34,15 +34,16 @@ from .recordio import (IRHeader, RecordIODataset, RecordIOError, RecordIOReader,
                        write_recordio)
 from .run_data import HeldOut, RunData, build_run_data, synthetic_glyphs, validation_split
 from .sampler import ShardedSampler
-from .transforms import (Compose, RandomAffine, RandomHorizontalFlip, affine, build_transform,
+from .transforms import (BatchRandomAffine, Compose, RandomAffine, RandomHorizontalFlip, affine,
+                         build_batch_transform, build_transform,
                          to_float)
 
 __all__ = [
     "BinFileError", "BinPairsDataset", "CHARSETS", "Compose", "FONT_PACKAGES", "GlyphDataset",
-    "GlyphSet", "HeldOut", "IRHeader", "ImageFolderDataset", "RandomAffine",
+    "BatchRandomAffine", "GlyphSet", "HeldOut", "IRHeader", "ImageFolderDataset", "RandomAffine",
     "RandomHorizontalFlip", "RecordIODataset", "RecordIOError", "RecordIOReader",
     "RestrictedUnpickler", "RunData", "ShardedSampler", "UnsafePickleError", "affine",
-    "build_dataset", "build_glyph_datasets", "build_run_data", "build_transform",
+    "build_batch_transform", "build_dataset", "build_glyph_datasets", "build_run_data", "build_transform",
     "default_cache_dir", "download_font_packages", "jis_kanji", "load_bin", "load_glyphs",
     "prepare_glyphs", "read_index", "restricted_loads", "scan_image_folder", "split_classes",
     "split_glyphs", "synthetic_glyphs", "to_float", "validation_split", "write_bin", "write_recordio",

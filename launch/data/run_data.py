@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from .folder import ImageFolderDataset
 from .glyphs import GlyphDataset, GlyphSet, build_glyph_datasets
 from .recordio import RecordIODataset
-from .transforms import build_transform
+from .transforms import build_batch_transform, build_transform
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class RunData:
     num_classes: int
     heldout: Optional[HeldOut]
     eval_split: str = "heldout"  # "val": ``heldout`` holds validation identities (data.val_classes > 0)
+    # Augmentation of whole batches on the training device (B, C, H, W) -> (B, C, H, W), called as
+    # ``batch_transform(images, generator=g)`` by the trainer; None: none (or per-sample in ``train``).
+    batch_transform: Optional[Callable[..., torch.Tensor]] = None
 
 
 def validation_split(num_classes: int, val_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,17 +130,19 @@ def _synthetic(data_cfg, seed: int) -> RunData:
 
 def _glyphs(data_cfg, seed: int) -> RunData:
     """Rendered kanji (level 1 for ``glyphs``, levels 1 + 2 for ``glyphs_large``)."""
-    transform = build_transform("glyph", train=data_cfg.augment, hflip_p=0.5 if data_cfg.hflip else 0.0)
+    # Augmented per batch on the training device (one resampling of the whole batch), not per sample.
+    batch_transform = build_batch_transform("glyph", train=data_cfg.augment, hflip_p=0.5 if data_cfg.hflip else 0.0,
+                                            stroke=getattr(data_cfg, "stroke_jitter", 0.0))
     seed = _split_seed(data_cfg, seed)
     train, held = build_glyph_datasets(data_cfg.cache_dir, "jis1" if data_cfg.dataset == "glyphs" else "jis",
-                                       data_cfg.image_size, heldout_classes=data_cfg.heldout_classes,
-                                       seed=seed, train_transform=transform)
+                                       data_cfg.image_size, heldout_classes=data_cfg.heldout_classes, seed=seed)
     val_classes = getattr(data_cfg, "val_classes", 0)
     if not val_classes:
-        return RunData(train, train.num_classes, HeldOut.from_glyphs(held.glyphs))
+        return RunData(train, train.num_classes, HeldOut.from_glyphs(held.glyphs), batch_transform=batch_transform)
     keep, val = validation_split(train.num_classes, val_classes, seed)
-    kept = GlyphDataset(train.glyphs.subset_classes(keep), transform)
-    return RunData(kept, kept.num_classes, HeldOut.from_glyphs(train.glyphs.subset_classes(val)), "val")
+    kept = GlyphDataset(train.glyphs.subset_classes(keep))
+    return RunData(kept, kept.num_classes, HeldOut.from_glyphs(train.glyphs.subset_classes(val)), "val",
+                   batch_transform=batch_transform)
 
 
 def _face_files(data_cfg, seed: int) -> RunData:

@@ -152,6 +152,73 @@ class RandomAffine:
         )
 
 
+class BatchRandomAffine:
+    """:class:`RandomAffine`'s distribution for a whole batch, in one ``affine_grid`` + ``grid_sample``.
+
+    The per-sample transform costs ~0.15 ms of Python and tiny tensor ops per 32x32 image (about a
+    tenth of a CPU training step of cnn_small); here the parameters of all B images are drawn at once
+    (on the CPU, from ``generator``) and the batch is resampled in one call, on the batch's device.
+
+    ``stroke`` > 0 also varies the stroke weight (typefaces differ most in it): each image is blended
+    toward its 3x3 grey dilation (bolder, a > 0) or erosion (lighter, a < 0) by a = U(-stroke, stroke),
+    before the geometric resampling. Bright strokes on a dark background (``fill``) are assumed.
+
+    Shapes: images (B, C, H, W) float -> (B, C, H, W), values clamped to [-1, 1].
+    """
+
+    def __init__(self, max_shift: float = 0.08, scale: Tuple[float, float] = (0.9, 1.1),
+                 max_rotate_deg: float = 8.0, hflip_p: float = 0.0, fill: float = -1.0,
+                 stroke: float = 0.0) -> None:
+        RandomAffine(max_shift, scale, max_rotate_deg, hflip_p, fill)  # the same argument checks
+        if not 0.0 <= stroke <= 1.0:
+            raise ValueError(f"stroke must be in [0, 1], got {stroke}")
+        self.max_shift, self.scale, self.max_rotate_deg = float(max_shift), (float(scale[0]), float(scale[1])), float(max_rotate_deg)
+        self.hflip_p, self.fill, self.stroke = float(hflip_p), float(fill), float(stroke)
+
+    def draw(self, batch: int, height: int, width: int,
+             generator: Optional[torch.Generator] = None) -> dict:
+        """The parameters of ``batch`` images, float64 on the CPU: dx, dy (pixels), scale, angle
+        (degrees), flip (bool), stroke blend a (0 when ``stroke`` is 0); each (batch,)."""
+        u = torch.rand(6, batch, generator=generator, dtype=torch.float64)  # (6, B)
+        return {"dx": (2 * u[0] - 1) * self.max_shift * width, "dy": (2 * u[1] - 1) * self.max_shift * height,
+                "scale": self.scale[0] + (self.scale[1] - self.scale[0]) * u[2],
+                "angle": (2 * u[3] - 1) * self.max_rotate_deg, "flip": u[4] < self.hflip_p,
+                "stroke": (2 * u[5] - 1) * self.stroke}
+
+    def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        """Resample ``images`` (B, C, H, W) with the parameters ``p`` of :meth:`draw`."""
+        if images.ndim != 4:
+            raise ValueError(f"expected (B, C, H, W), got shape {tuple(images.shape)}")
+        b, _, h, w = images.shape
+        x = images
+        if self.stroke > 0:
+            a = p["stroke"].to(images.device, images.dtype).view(b, 1, 1, 1)  # (B, 1, 1, 1)
+            bold = F.max_pool2d(x, 3, stride=1, padding=1)
+            light = -F.max_pool2d(-x, 3, stride=1, padding=1)
+            x = x + a.clamp(min=0) * (bold - x) + (-a).clamp(min=0) * (light - x)
+        # The per-sample map of affine(): inverse = Fl @ R^T / s, in normalised coordinates.
+        a = torch.deg2rad(p["angle"])
+        cos, sin = torch.cos(a), torch.sin(a)  # (B,)
+        fx = torch.where(p["flip"], -1.0, 1.0).to(torch.float64)
+        inv = torch.stack([torch.stack([fx * cos, -fx * sin], -1), torch.stack([sin, cos], -1)], -2)
+        inv = inv / p["scale"].view(b, 1, 1)  # (B, 2, 2)
+        t = torch.stack([p["dx"], p["dy"]], -1)  # (B, 2) pixels
+        offset = -(inv @ t.unsqueeze(-1)).squeeze(-1)  # (B, 2)
+        d = torch.tensor([w / 2.0, h / 2.0], dtype=torch.float64)
+        theta = torch.cat([inv * d[None, None, :] / d[None, :, None], (offset / d).unsqueeze(-1)], -1)  # (B, 2, 3)
+        grid = F.affine_grid(theta.to(images.device, images.dtype), list(x.shape), align_corners=False)
+        out = F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return (out + self.fill).clamp_(-1.0, 1.0)
+
+    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Augment a batch (B, C, H, W) -> (B, C, H, W)."""
+        return self.apply(images, self.draw(images.shape[0], images.shape[-2], images.shape[-1], generator))
+
+    def __repr__(self) -> str:
+        return (f"BatchRandomAffine(max_shift={self.max_shift}, scale={self.scale}, max_rotate_deg="
+                f"{self.max_rotate_deg}, hflip_p={self.hflip_p}, fill={self.fill}, stroke={self.stroke})")
+
+
 class RandomHorizontalFlip:
     """Flip left-right with probability ``p`` (no resampling)."""
 
@@ -201,3 +268,13 @@ def build_transform(kind: str = "glyph", train: bool = True,
     if kind == "face":
         return RandomHorizontalFlip(0.5 if hflip_p is None else hflip_p)
     raise ValueError(f"unknown transform kind {kind!r} (expected 'glyph' or 'face')")
+
+
+def build_batch_transform(kind: str = "glyph", train: bool = True, hflip_p: Optional[float] = None,
+                          stroke: float = 0.0) -> Optional[BatchRandomAffine]:
+    """The batched form of :func:`build_transform` (``glyph`` only: the trainer applies it to each
+    batch on its device); ``None`` when not training or for kinds without one."""
+    if not train or kind != "glyph":
+        return None
+    return BatchRandomAffine(max_shift=0.08, scale=(0.9, 1.1), max_rotate_deg=8.0,
+                             hflip_p=0.0 if hflip_p is None else hflip_p, stroke=stroke)
