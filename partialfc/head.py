@@ -117,9 +117,9 @@ class PartialFC(nn.Module):
         grad_filter_block: classes per block of ``grad_filter`` (default 256).
         impl: ``"torch"`` (the reference path above), ``"triton"`` (fused Triton kernels that never form
             the (B, C_local) logits: :mod:`partialfc.triton_softmax`; needs ``pip install "partialfc[triton]"``,
-            CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; sub-centers, CurricularFace and
-            ``grad_filter`` run the torch path with a warning) or ``"auto"`` (default: triton on CUDA when
-            triton is installed, else torch). Same loss, gradients and collectives.
+            CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; sub-centers and CurricularFace run
+            fused, ``grad_filter`` runs the torch path with a warning) or ``"auto"`` (default: triton on CUDA
+            when triton is installed, else torch). Same loss, gradients and collectives.
 
     Returns ``loss``: the mean over the global batch (all ranks, ``ignore_index`` rows excluded)
     of the cross-entropy over all classes, identical on every rank (0 if no row counts).

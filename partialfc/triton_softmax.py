@@ -4,24 +4,33 @@ Same inputs, outputs, math and collectives as :class:`partialfc.softmax.MarginSo
 (read its module docstring for the formulas); only the work over the (B, C_local) logits moves into
 Triton kernels (:mod:`partialfc.triton_kernels`) that form each (rows x classes) tile on chip:
 
-    forward   torch: x^ = x/|x|, 1/|w_j| (C_local,), the B target cosines, psi and psi' (the margin
+    forward   torch: x^ = x/|x|, 1/|w_j| (C_local k,), the B target cosines (from the B k target
+              rows; with k > 1 sub-centers the largest, and which row won), psi and psi' (the margin
               runs on the B target entries exactly as in the torch path, so every CombinedMargin and
-              per-row margin such as AdaFace works unchanged);
-              kernel: per tile x^ W^T * s/|w_j|, target entry replaced, online row max / sum-exp ->
-              partial (max, sum-exp) per row and class split, combined in torch (O(splits * B));
-              all-reduce MAX (B,) then all-reduce SUM (4, B): the same 2 collectives.
+              per-row margin such as AdaFace works unchanged); CurricularFace only: all-reduce SUM of
+              the target cosines (B,) and ``margin.negatives`` (advances its running t, once per
+              forward) -> per-row thresholds (B,) and t;
+              kernel: per tile x^ W^T * s/|w_j| (k > 1: max over each class's k rows; CurricularFace:
+              hard negatives reshaped), target entry replaced, online row max / sum-exp -> partial
+              (max, sum-exp) per row and class split, combined in torch (O(splits * B));
+              all-reduce MAX (B,) then all-reduce SUM (4, B): the same collectives as the torch path.
     backward  kernel 1 (row blocks x class splits): recompute, G', grad_x^ += G' W_tile (fp32, B x d);
               kernel 2 (class blocks): recompute, A = G'^T x^ in registers, radial projection, write
               dL/dW in the weight's dtype; the projection through x^ = x/|x| in torch (O(B d)).
+              With sub-centers each G'_ij goes to the row that won class j's max (the target's: the
+              row found in forward), with CurricularFace a hard negative's p_ij is multiplied by
+              t + 2 cos_ij (t constant; neither recomputes t nor calls the margin again).
               No collective.
 
 Extra memory beyond the inputs and gradients: x^ (B, d) in the accumulation dtype and the product
-dtype, grad_x^ (B, d) in the accumulation dtype, 1/|w_j| (C_local,), O(splits * B) row statistics.
+dtype, grad_x^ (B, d) in the accumulation dtype, 1/|w_j| (C_local k,), O(splits * B) row statistics
+(with sub-centers the B target rows' indices, with CurricularFace the B thresholds). Sub-centers
+(``sub_centers = k``) and CurricularFace are compile-time switches of the kernels: the plain kernels
+are unchanged, and no (B, C_local) nor (B, C_local k) tensor exists on any of these paths.
 
-Not fused (they run the torch path, with a one-time warning): margins that reshape the negatives
-(:class:`partialfc.CurricularFace`), ``sub_centers > 1``, and any option the torch function has that
-this one does not (passed through ``**torch_options``). The products accumulate in float32 (float64
-for float64 inputs); fp32 products use full-precision ("ieee") dots unless
+Not fused (it runs the torch path, with a one-time warning): ``grad_filter``, and any option the torch
+function has that this one does not (passed through ``**torch_options``). The products accumulate in
+float32 (float64 for float64 inputs); fp32 products use full-precision ("ieee") dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set.
 
 The two kernel stages are the custom ops ``torch.ops.partialfc.fused_lse_stats`` and
@@ -42,7 +51,7 @@ from typing import Optional
 
 import torch
 
-from .collectives import ProcessGroup, refuse_double_backward
+from .collectives import ProcessGroup, all_reduce_, refuse_double_backward
 from .margin import CombinedMargin
 from .softmax import _NORM_EPS, _accumulation_dtype, combine_shards, margin_softmax_cross_entropy, safe_normalize
 from .triton_ops import fake_mode_active, interpreting  # also registers torch.ops.partialfc.*
@@ -89,11 +98,7 @@ def use_triton(impl: str, device: torch.device) -> bool:
 _warned: set = set()
 
 
-def _fallback_reason(margin, sub_centers: int, torch_options: dict) -> Optional[str]:
-    if sub_centers > 1:
-        return "sub_centers > 1"
-    if hasattr(margin, "negatives"):
-        return f"a margin that reshapes the negatives ({type(margin).__name__})"
+def _fallback_reason(torch_options: dict) -> Optional[str]:
     used = sorted(k for k, v in torch_options.items() if v is not None and v is not False)
     if used:
         return f"option(s) {', '.join(used)}"
@@ -105,12 +110,12 @@ def triton_margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Te
                                         chunk_size: Optional[int] = None, mm_dtype: Optional[torch.dtype] = None,
                                         sub_centers: int = 1, grad_filter=None, **torch_options):
     """Drop-in for :func:`partialfc.softmax.margin_softmax_cross_entropy`: returns ``(loss, stats)``.
-    ``chunk_size`` is ignored (the kernels never keep logits). Unsupported cases (see the module
-    docstring; ``grad_filter`` is one) run the torch function with the same arguments after a
-    one-time warning."""
+    ``chunk_size`` is ignored (the kernels never keep logits). ``sub_centers`` and CurricularFace (a
+    margin with ``negatives``) run fused; unsupported cases (``grad_filter``, see the module
+    docstring) run the torch function with the same arguments after a one-time warning."""
     if grad_filter is not None:
         torch_options["grad_filter"] = grad_filter
-    reason = _fallback_reason(margin, sub_centers, torch_options)
+    reason = _fallback_reason(torch_options)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
@@ -122,7 +127,31 @@ def triton_margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Te
         mm_dtype = torch.promote_types(x_global.dtype, weight.dtype)
     if mm_dtype not in _MM_DTYPES:
         raise ValueError(f"triton margin softmax: unsupported product dtype {mm_dtype}")
-    return TritonMarginSoftmaxCrossEntropy.apply(x_global, weight, target, valid, margin, group, mm_dtype)
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"triton margin softmax: {weight.shape[0]} weight rows are not a whole number of classes "
+                         f"of sub_centers={sub_centers} rows")
+    return TritonMarginSoftmaxCrossEntropy.apply(x_global, weight, target, valid, margin, group, mm_dtype,
+                                                 sub_centers)
+
+
+def _target_cosines(xhat: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, target: torch.Tensor,
+                    k: int) -> tuple:
+    """``(cos_t (B,), t_sub)``: each row's target cosine from its target class's rows only (B k of
+    them), as the torch path computes it; with k > 1 the largest of the class's k rows' and ``t_sub``
+    (B,) int64 the row that gave it (the lowest on ties, ``torch.max``), else None. Rows whose target
+    another rank holds (-1) read class 0 (never used)."""
+    b = xhat.shape[0]
+    if weight.shape[0] == 0:
+        return xhat.new_zeros(b), (None if k == 1 else target.new_zeros(b))
+    t_row = target.clamp_min(0)
+    if k == 1:
+        w_t = weight.index_select(0, t_row).to(xhat.dtype)  # (B, d): the target rows only
+        return (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0), None
+    rows = (t_row.unsqueeze(1) * k + torch.arange(k, device=t_row.device)).view(-1)  # (B k,)
+    w_t = weight.index_select(0, rows).to(xhat.dtype).view(b, k, weight.shape[1])  # (B, k, d)
+    cos_sub = torch.linalg.vecdot(xhat.unsqueeze(1), w_t) * inv_norm[rows].view(b, k)  # (B, k)
+    cos_t, t_sub = cos_sub.max(dim=1)
+    return cos_t.clamp(-1.0, 1.0), t_sub
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,39 +159,44 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
     """forward: fused sharded margin softmax cross-entropy, all-reduce MAX then all-reduce SUM.
     backward: exact gradients for ``x_global`` and ``weight`` from two fused kernels, no collective.
 
-    Inputs as :class:`partialfc.softmax.MarginSoftmaxCrossEntropy` with one weight row per class;
-    returns the loss (scalar, identical on every rank) and the non-differentiable ``stats`` (3, B).
-    The kernels run as the custom ops ``torch.ops.partialfc.fused_lse_stats`` (forward) and
-    ``fused_margin_grads`` (backward) of :mod:`partialfc.triton_ops`; the collectives stay here.
+    Inputs as :class:`partialfc.softmax.MarginSoftmaxCrossEntropy` (``sub_centers`` k consecutive
+    weight rows per class; a margin with ``negatives``, CurricularFace, adds its one (B,) all-reduce
+    and is asked for the thresholds once, in forward); returns the loss (scalar, identical on every
+    rank) and the non-differentiable ``stats`` (3, B). The kernels run as the custom ops
+    ``torch.ops.partialfc.fused_lse_stats`` (forward) and ``fused_margin_grads`` (backward) of
+    :mod:`partialfc.triton_ops`; the collectives stay here.
     """
 
     @staticmethod
-    def forward(ctx, x_global, weight, target, valid, margin, group: ProcessGroup, mm_dtype: torch.dtype):
+    def forward(ctx, x_global, weight, target, valid, margin, group: ProcessGroup, mm_dtype: torch.dtype,
+                sub_centers: int = 1):
         acc = _accumulation_dtype(mm_dtype)
         with torch.autocast(x_global.device.type, enabled=False):
             weight = weight if weight.stride(-1) == 1 else weight.contiguous()
             s = float(margin.s)
             xhat, x_norm = safe_normalize(x_global.to(acc))  # (B, d), (B, 1)
-            inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C,)
+            inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C k,)
             owned = target >= 0
-            if weight.shape[0]:
-                t_row = target.clamp_min(0)
-                w_t = weight.index_select(0, t_row).to(acc)  # (B, d): the target rows only
-                cos_t = (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0)
-            else:
-                cos_t = xhat.new_zeros(xhat.shape[0])
+            cos_t, t_sub = _target_cosines(xhat, weight, inv_norm, target, sub_centers)  # (B,), (B,) or None
             psi, dpsi = margin.psi_and_grad(cos_t)
             logit_t = (s * psi).to(acc).contiguous()
             dpsi = dpsi.to(acc).contiguous()
             target = target.contiguous()
+            thr = t = None
+            if hasattr(margin, "negatives"):  # every rank needs each row's threshold: one extra (B,) all-reduce
+                cos_all = all_reduce_(torch.where(owned, cos_t, 0.0), "sum", group)
+                neg = margin.negatives(cos_all, valid)  # advances CurricularFace's t: here only, never in backward
+                thr = neg.thr.to(acc).contiguous()  # (B,)
+                t = neg.t.detach().to(acc, copy=True).reshape(1)  # (1,): a copy, the buffer moves on next step
             m_local, s_local, r_local = torch.ops.partialfc.fused_lse_stats(
-                xhat.to(mm_dtype), weight, inv_norm, target, logit_t, s)  # (B,) each
+                xhat.to(mm_dtype), weight, inv_norm, target, logit_t, s, sub_centers, t_sub, thr, t)  # (B,) each
             loss, m_global, sum_exp, rest, t_global, cos_global, n_valid = combine_shards(
                 m_local, s_local, r_local, owned, logit_t, cos_t, valid, acc, group)
 
         ctx.margin_s, ctx.mm_dtype, ctx.acc, ctx.x_dtype = s, mm_dtype, acc, x_global.dtype
+        ctx.sub_centers = sub_centers
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, logit_t, m_global,
-                              sum_exp, rest, n_valid)
+                              sum_exp, rest, n_valid, t_sub, thr, t)
         out_stats = torch.stack([m_global, t_global, cos_global])
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
@@ -170,8 +204,8 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         refuse_double_backward("the margin softmax loss")
-        xhat, x_norm, weight, inv_norm, target, valid, dpsi, logit_t, m_global, sum_exp, rest, n_valid = \
-            ctx.saved_tensors
+        xhat, x_norm, weight, inv_norm, target, valid, dpsi, logit_t, m_global, sum_exp, rest, n_valid, \
+            t_sub, thr, t = ctx.saved_tensors
         s, mm_dtype, acc = ctx.margin_s, ctx.mm_dtype, ctx.acc
         with torch.autocast(xhat.device.type, enabled=False):
             g0 = grad_loss.to(acc) * s / n_valid  # scalar: d loss / d logit * s
@@ -179,8 +213,9 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
             coef = gain / sum_exp  # (B,): g0 p_ij = exp(z_ij - m_i) coef_i
             t_gain = gain * rest / sum_exp  # (B,): g0 (1 - p_y), exact when tiny
             grad_xhat, grad_w = torch.ops.partialfc.fused_margin_grads(
-                xhat.to(mm_dtype), weight, inv_norm, s, target, logit_t, m_global, coef, t_gain, dpsi)
-            # (B, d) accumulation dtype, (C_local, d) weight's dtype; through x^ = x / |x|: (g - (g . x^) x^) / |x|
+                xhat.to(mm_dtype), weight, inv_norm, s, target, logit_t, m_global, coef, t_gain, dpsi,
+                ctx.sub_centers, t_sub, thr, t)
+            # (B, d) accumulation dtype, (C_local k, d) weight's dtype; through x^ = x / |x|: (g - (g . x^) x^) / |x|
             radial = torch.linalg.vecdot(grad_xhat, xhat).unsqueeze(1)
             grad_x = (grad_xhat - radial * xhat) / x_norm
-        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_w, None, None, None, None, None, None

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton")
 
-from partialfc import CombinedMargin, CurricularFace, PartialFC, shard_bounds  # noqa: E402
+from partialfc import CombinedMargin, PartialFC, shard_bounds  # noqa: E402
 from partialfc import triton_softmax  # noqa: E402
 from tests import test_adaface  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
@@ -242,23 +242,24 @@ def test_no_tensor_of_batch_times_classes(sample_rate):
     print(f"\nsample_rate={sample_rate}: B x C_local = {b * c_local}, largest tensor {largest}")
 
 
-def test_fallbacks_run_the_torch_path_with_a_warning():
-    """CurricularFace (hard negatives) and sub-centers are not fused: same result as impl="torch"."""
+def test_grad_filter_falls_back_to_the_torch_path_with_a_warning(monkeypatch):
+    """``grad_filter`` is not fused: same result as impl="torch", with a warning. (Sub-centers and
+    CurricularFace are fused: tests/test_triton_extensions.py.)"""
+    monkeypatch.setattr(triton_softmax, "_warned", set())  # the warning is given once per process
     xs, ys = _batch(1, [12], d=8, c=40)
-    for kw in (lambda: dict(margin=CurricularFace(s=16.0, m=0.5)), lambda: dict(sub_centers=3)):
-        results = []
-        for impl in ("triton", "torch"):
-            head = PartialFC(8, 40, impl=impl, dtype=torch.float64, **kw())  # a fresh margin module each
-            x = xs[0].clone().requires_grad_()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                loss = head(x, ys[0])
-            if impl == "triton":
-                assert any("torch path" in str(w.message) for w in caught)
-            loss.backward()
-            results.append((loss.detach(), x.grad, head.weight.grad))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    results = []
+    for impl in ("triton", "torch"):
+        head = PartialFC(8, 40, impl=impl, dtype=torch.float64, grad_filter=True)
+        x = xs[0].clone().requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = head(x, ys[0])
+        if impl == "triton":
+            assert any("grad_filter" in str(w.message) and "torch path" in str(w.message) for w in caught)
+        loss.backward()
+        results.append((loss.detach(), x.grad, head.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_impl_is_validated(monkeypatch):

@@ -84,6 +84,57 @@ def test_fake_outputs_are_the_real_ones(case):
     assert real[0].shape == (b, d) and real[1].shape == (c, d)
 
 
+def _switch_args(b, c, d, k, hard, **kw):
+    """(fused_lse_stats args, fused_margin_grads args) with ``k`` rows per class (c classes) and, with
+    ``hard``, CurricularFace thresholds and t: the optional trailing arguments (sub_centers, t_sub,
+    thr, t)."""
+    xhat, w, inv_norm, target, logit_t, s = _stats_args(b, c * k, d, **kw)
+    g = torch.Generator().manual_seed(11)
+    target = torch.randint(-1, c, (b,), generator=g)
+    extra = (k, torch.randint(0, k, (b,), generator=g) if k > 1 else None,
+             (torch.rand(b, generator=g, dtype=inv_norm.dtype) - 0.5) if hard else None,
+             torch.full((1,), 0.3, dtype=inv_norm.dtype) if hard else None)
+    stats = (xhat, w, inv_norm, target, logit_t, s, *extra)
+    m, sum_exp, rest = LSE(*stats)
+    gain = s * torch.rand(b, generator=g, dtype=inv_norm.dtype) / max(b, 1)
+    grads = (xhat, w, inv_norm, s, target, logit_t, m, gain / sum_exp, gain * rest / sum_exp,
+             torch.rand(b, generator=g, dtype=inv_norm.dtype) + 0.5, *extra)
+    return stats, grads
+
+
+# (B, classes, d, sub-centers, hard negatives, dtypes)
+SWITCHES = {"k2_hard": (13, 20, 8, 2, True, {}), "k3_bf16": (9, 17, 8, 3, False, dict(mm=torch.bfloat16)),
+            "hard_fp64": (11, 30, 8, 1, True, dict(mm=torch.float64, acc=torch.float64))}
+
+
+@pytest.mark.parametrize("case", list(SWITCHES))
+def test_switches_opcheck_and_fakes(case):
+    """The optional arguments (sub-centers, CurricularFace): opcheck passes, and the fake outputs
+    (the planner's) have the real ones' shapes, dtypes and strides (dL/dW: all C k rows)."""
+    b, c, d, k, hard, kw = SWITCHES[case]
+    for op, args in zip((LSE, GRADS), _switch_args(b, c, d, k, hard, **kw)):
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        for r, f in zip(real, fake):
+            assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride())
+    assert real[1].shape == (c * k, d)
+
+
+def test_switches_are_checked():
+    """t_sub goes with sub_centers > 1 only, thr with t, sub_centers divides the rows: clear errors."""
+    stats, _ = _switch_args(5, 6, 8, 2, True)
+    head = stats[:6]
+    k, t_sub, thr, t = stats[6:]
+    for bad, match in (((2, None, thr, t), "t_sub"), ((1, t_sub, thr, t), "t_sub"),
+                       ((2, t_sub, thr, None), "thr and t"), ((5, t_sub, None, None), "divide"),
+                       ((2, t_sub[:3], None, None), "t_sub must have")):
+        with pytest.raises(ValueError, match=match):
+            LSE(*head, *bad)
+
+
 class _NoKernel:
     """Stands in for a ``@triton.jit`` kernel: any launch fails the test."""
 
@@ -131,6 +182,29 @@ def test_head_under_fake_tensors(no_kernels):
             assert x.grad.shape == (b_local, d) and x.grad.dtype == torch.float32
             assert head.weight.grad.shape == (head.num_local, d) == (251, d)
             assert head.weight.grad.dtype == torch.bfloat16
+    assert ops.seen.get(LSE) == 1 and ops.seen.get(GRADS) == 1, ops.seen
+
+
+@pytest.mark.parametrize("k,curricular", [(3, False), (2, True)])
+def test_head_with_switches_under_fake_tensors(no_kernels, k, curricular):
+    """Sub-centers and CurricularFace on fake tensors (fake group of 4 ranks): the fused ops' fake
+    implementations run once each, no kernel; dL/dW has all C_local k rows. CurricularFace runs in
+    eval mode: training mode reads ``valid.any()`` on the host to update t (on either path)."""
+    from partialfc import CurricularFace
+    d, c, b_local, world = 32, 1003, 16, 4
+    with plan._fake_world(world, 0):
+        head = PartialFC(d, c, impl="triton", validate=False, uniform_batch=True, device="meta", dtype=torch.bfloat16,
+                         sub_centers=k, margin=CurricularFace(s=16.0) if curricular else MARGIN)
+        if curricular:
+            head.eval()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            head.to_empty(device="cpu")
+            x = torch.randn(b_local, d, requires_grad=True)
+            with _OpCounter() as ops:
+                loss = head(x, torch.randint(0, c, (b_local,)))
+                loss.backward()
+            assert isinstance(loss, FakeTensor) and loss.shape == ()
+            assert head.weight.grad.shape == (251 * k, d) and head.weight.grad.dtype == torch.bfloat16
     assert ops.seen.get(LSE) == 1 and ops.seen.get(GRADS) == 1, ops.seen
 
 
@@ -220,5 +294,10 @@ def test_planner_measures_the_fused_path(no_kernels):
     # the CUDA device model (the default) and the command line take it as well
     assert plan.plan_memory(impl="triton", **dict(kw, device="cuda"))["fwd_bwd"]["peak"] == fused["fwd_bwd"]["peak"]
     assert plan.main(["--classes-per-rank", "1000", "-d", "16", "--impl", "triton", "--json"]) == 0
+    # sub-centers run fused too: lower by the (B, C_local k) logits
+    k = 3
+    fused_k = plan.plan_memory(impl="triton", sub_centers=k, **kw)["fwd_bwd"]
+    assert fused_k["peak"] + B * C * k * 4 <= plan.plan_memory(sub_centers=k, **kw)["fwd_bwd"]["peak"]
+    assert fused_k["breakdown"]["params"] == C * k * d * 4
     with pytest.raises(ValueError, match="impl must be one of"):
         plan.plan_memory(impl="cuda", **kw)
