@@ -67,8 +67,11 @@ class CurricularFaceRows:
     def negatives(self, cos_y: torch.Tensor, valid: torch.Tensor) -> _Negatives:
         """``cos_y`` (B,): every row's target cosine, identical on every rank."""
         mod = self.module
-        if mod.training and torch._C._current_graph_task_id() == -1 and bool(valid.any()):
-            mod.t.mul_(1 - mod.t_alpha).add_(mod.t_alpha * cos_y[valid].double().mean())
+        if mod.training and torch._C._current_graph_task_id() == -1:
+            # no host read: a batch without a valid row leaves t as it is
+            n = valid.sum()
+            mean = torch.where(valid, cos_y.double(), 0.0).sum() / n.clamp_min(1)
+            mod.t.copy_(torch.where(n > 0, mod.t * (1 - mod.t_alpha) + mod.t_alpha * mean, mod.t))
         c = cos_y.clamp(-1.0, 1.0)
         thr = c * math.cos(mod.m) - torch.sqrt((1.0 - c * c).clamp_min(0.0)) * math.sin(mod.m)  # cos(theta + m)
         return _Negatives(self.s, thr, mod.t.to(cos_y.dtype))

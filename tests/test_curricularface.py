@@ -106,3 +106,20 @@ def test_t_advances_once_per_training_forward():
     _, expected = oracle(x.detach(), head.weight.detach(), ys[0], ys[0] != -100, 0.0, **KW)
     assert once == pytest.approx(expected, rel=1e-12)
     assert "margin.t" in head.state_dict()
+
+
+def test_t_update_reads_nothing_back_and_skips_a_batch_without_valid_rows():
+    """t follows t_alpha * mean(cos_y over valid rows) + (1 - t_alpha) * t with no host read (so it
+    also traces under FakeTensorMode); a batch whose rows are all ignored leaves t unchanged."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from partialfc import CurricularFace
+    mod = CurricularFace(s=64.0, m=0.5, t_alpha=0.1)
+    rows = mod.for_batch(None, None)
+    cos_y = torch.tensor([0.2, 0.4, 0.9], dtype=torch.float64)
+    rows.negatives(cos_y, torch.tensor([True, True, False]))
+    assert mod.t.item() == pytest.approx(0.1 * 0.3)
+    rows.negatives(cos_y, torch.zeros(3, dtype=torch.bool))
+    assert mod.t.item() == pytest.approx(0.1 * 0.3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake_t = CurricularFace(s=64.0, m=0.5)
+        fake_t.for_batch(None, None).negatives(torch.zeros(4), torch.ones(4, dtype=torch.bool))
