@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from partialfc import CombinedMargin, PartialFC
+from partialfc import CombinedMargin, CurricularFace, PartialFC
 from tests.oracle import reference_grads
 
 MiB = 2 ** 20
@@ -34,6 +34,43 @@ def _case(impl, dtype, c, b, d, x64, labels, w64, margin):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - head.weight.numel() * head.weight.element_size()
     return loss.detach().double(), x.grad.double(), head.weight.grad.double(), extra
+
+
+def _extensions(b: int, d: int, c: int = 100_000, device: str = "cuda") -> bool:
+    """Sub-centers (k 3) and CurricularFace (two steps, so its running t counts): the triton path
+    against the torch path on the same weights, fp32 (both fused and reference run on the GPU)."""
+    cases = {"arcface, 3 sub-centers": (lambda: CombinedMargin.arcface(s=64.0, m=0.5), 3),
+             "curricularface": (lambda: CurricularFace(s=64.0, m=0.5), 1)}
+    print(f"\n| case (fp32, C_local {c}, 2 steps) | loss rel diff | x grad rel diff | w grad rel diff |")
+    print("|---|---|---|---|")
+    ok = True
+    for name, (make, k) in cases.items():
+        g = torch.Generator(device=device).manual_seed(7)
+        w = torch.randn(c * k, d, device=device, generator=g) * 0.01
+        xs = [torch.randn(b, d, device=device, generator=g) for _ in range(2)]
+        ys = [torch.randint(0, c, (b,), device=device, generator=g) for _ in range(2)]
+        out = {}
+        for impl in ("torch", "triton"):
+            head = PartialFC(d, c, margin=make(), impl=impl, device=device, sub_centers=k)
+            with torch.no_grad():
+                head.weight.copy_(w)
+            res = []
+            for x, y in zip(xs, ys):
+                x = x.clone().requires_grad_()
+                head.weight.grad = None
+                loss = head(x, y)
+                loss.backward()
+                res.append((loss.detach(), x.grad, head.weight.grad.clone()))
+            out[impl] = res[-1]
+            del head
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        e = [float((a - r).abs().max() / r.abs().max().clamp_min(1e-30)) for a, r in zip(out["triton"], out["torch"])]
+        print(f"| {name} | {e[0]:.2e} | {e[1]:.2e} | {e[2]:.2e} |", flush=True)
+        if max(e) > 1e-4:
+            ok = False
+            print(f"FAIL: triton differs from torch for {name}")
+    return ok
 
 
 def main(argv=None) -> int:
@@ -80,6 +117,7 @@ def main(argv=None) -> int:
                     print(f"FAIL: triton error above 3x torch's ({dtype}, C {c}): {bad}")
             del ref
             torch.cuda.empty_cache()
+    ok = _extensions(b, d) and ok
     print("gpu_check:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -247,3 +247,17 @@ def test_fused_without_a_fallback_warning(name, k, monkeypatch):
         with _OpCounter() as ops:
             head(x, y).backward()
     assert ops.seen.get(LSE) == 1 and ops.seen.get(GRADS) == 1, ops.seen
+
+
+def test_gpu_check_compares_the_extensions_and_fails_on_a_difference(capsys, monkeypatch):
+    """benchmarks/gpu_check.py's sub-center / CurricularFace table (run on the GPU by gpu.sh) works on
+    the CPU under the interpreter at a tiny size, and reports a failure when the paths differ."""
+    from benchmarks import gpu_check
+    assert gpu_check._extensions(b=8, d=16, c=30, device="cpu")
+    table = capsys.readouterr().out
+    assert "arcface, 3 sub-centers" in table and "curricularface" in table
+    real = triton_softmax.TritonMarginSoftmaxCrossEntropy.apply
+    monkeypatch.setattr(triton_softmax.TritonMarginSoftmaxCrossEntropy, "apply",
+                        lambda *a: tuple(t * 1.01 if i == 0 else t for i, t in enumerate(real(*a))))
+    assert not gpu_check._extensions(b=8, d=16, c=30, device="cpu")
+    assert "FAIL" in capsys.readouterr().out
