@@ -19,6 +19,8 @@ compared with, and the bare matrix products of the same shapes (the numerator of
                     filtering (blocks of negligible softmax gradient skipped in backward); SGD(momentum)
                     (opt-in)
     filtered_sparse the same with sparse_grad=True and SparseSGD: only the kept rows move (opt-in)
+    filtered_chunked the filter on the chunked head (chunk_size=...): the backward recomputes only the
+                    chunks that hold a kept block (opt-in)
 
 With ``target_angle`` (degrees) the embeddings are trained-like: each sits at that angle from its
 class's row of the PartialFC heads' initial weights (the baseline head has its own weights).
@@ -137,6 +139,8 @@ def build_head(variant: str, cfg: BenchConfig, device, group=None) -> nn.Module:
                "triton": dict(impl="triton"),
                "filtered": dict(grad_filter=filt, grad_filter_block=cfg.grad_filter_block),
                "filtered_sparse": dict(grad_filter=filt, grad_filter_block=cfg.grad_filter_block, sparse_grad=True),
+               "filtered_chunked": dict(grad_filter=filt, grad_filter_block=cfg.grad_filter_block,
+                                        chunk_size=cfg.chunk_size),
                }[variant]
     options.setdefault("margin", CombinedMargin.arcface(s=64.0, m=0.5))
     return PartialFC(d, n, group=group, validate=cfg.validate, uniform_batch=True, seed=cfg.seed, device=device,

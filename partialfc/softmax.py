@@ -28,13 +28,17 @@ sends G'_ij to that row only (the materialized path keeps which row won, one byt
 Mixed precision: the matrix products run in ``mm_dtype`` (e.g. bf16 under autocast); logits,
 log-sum-exp and gradients accumulate in float32 (float64 when ``mm_dtype`` is float64).
 
-Gradient filtering (``grad_filter``, :mod:`partialfc.grad_filter`): the backward cuts the classes
-into blocks, skips both products of the blocks whose non-target entries of p f are all below eps
-(:class:`_FilteredBackward`), applies the target entries of skipped blocks exactly and reports a
-bound on what was dropped. Off (``None``) runs the code above unchanged.
+Gradient filtering (``grad_filter``, :mod:`partialfc.grad_filter`): the classes are cut into blocks;
+the forward keeps, as a by-product of its row maximum, the largest non-target logit of each (row,
+block) (:class:`_FilterForward`), from which the backward decides, before any product, which blocks
+have all non-target entries of p f below eps (:class:`_FilteredBackward`). Those are never read,
+scaled or recomputed: both products and, in the chunked path, the recomputation skip them; the target
+entries of skipped blocks are applied exactly, and a bound on what was dropped is reported. Off
+(``None``) runs the code above unchanged.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -130,18 +134,22 @@ def _put_target(z, target, c0, c1, new_value):
     z.scatter_(1, col, torch.where(in_block, new_value(old), old).unsqueeze(1))
 
 
-def _sums_without_target(e, target, c0, c1):
+def _sums_without_target(e, target, c0, c1, blocks=None):
     """Row sums of the exponentials ``e`` (B, cb) of classes [c0, c1): ``(all, all but the target)``.
 
     The second is summed with the target entry left out, not obtained by subtracting it: for a
     well-classified row the non-target mass ``1 - p_y`` (1e-8 and less with s = 64) is far below
     the float32 resolution of the total, so a difference would be rounding noise, and that mass is
-    the target's gradient (see the backward)."""
+    the target's gradient (see the backward). With ``blocks`` (an int): also the non-target sums of
+    each row's blocks of that many columns, (B, ceil(cb / blocks)) (gradient filtering's bound)."""
     in_block, col = _target_column(target, c0, c1)  # (B,), (B, 1)
     saved = e.gather(1, col)  # (B, 1)
     e.scatter_(1, col, torch.where(in_block.unsqueeze(1), 0.0, saved))
     rest = e.sum(dim=1)
+    block_sums = None if blocks is None else _row_blocks(e, blocks, "sum")
     e.scatter_(1, col, saved)
+    if blocks is not None:
+        return rest + torch.where(in_block, saved.squeeze(1), 0.0), rest, block_sums
     return rest + torch.where(in_block, saved.squeeze(1), 0.0), rest
 
 
@@ -192,14 +200,61 @@ def _grad_block(g, c0, c1, p: _BackwardParts):
             a[r0:r1].copy_(a_s)
 
 
-def _block_max(mag, fb):
-    """Largest entry of each block of ``fb`` columns of ``mag`` (B, n) with B > 0: (ceil(n / fb),)."""
-    colmax = mag.amax(dim=0)  # (n,): reduces down the rows, vectorised along the classes
-    n = colmax.shape[0]
-    pad = (-n) % fb
-    if pad:
-        colmax = torch.cat([colmax, colmax.new_zeros(pad)])
-    return colmax.view(-1, fb).amax(dim=1)
+def _row_blocks(t, fb, how):
+    """``how`` ("amax" or "sum") of each row's blocks of ``fb`` consecutive columns of ``t`` (B, n):
+    (B, ceil(n / fb)), the last block the remainder. Sums of float32 blocks too long for the bound's
+    rounding allowance (:func:`_sum_widen`) run in float64."""
+    b, n = t.shape
+    full = n - n % fb
+    wide = {} if how == "amax" or 4 * fb * torch.finfo(t.dtype).eps < 1 else dict(dtype=torch.float64)
+    parts = []
+    if full:
+        parts.append(getattr(t[:, :full].unflatten(1, (full // fb, fb)), how)(dim=2, **wide))
+    if full < n:
+        parts.append(getattr(t[:, full:], how)(dim=1, keepdim=True, **wide))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _sum_widen(n, dtype) -> float:
+    """A factor >= true / computed for a sum of ``n`` non-negative terms in ``dtype``, in any order
+    (recursive summation's |error| <= gamma_{n-1} sum, gamma_m = m u / (1 - m u), u = eps / 2)."""
+    nu = n * torch.finfo(dtype).eps / 2
+    return 1.0 / (1.0 - 2.0 * nu) if nu < 0.25 else float("inf")
+
+
+def _gram_bound(x, squarings: int = 2):
+    """An upper bound of ``||x||_2^2`` (largest singular value squared) of ``x`` (B, d), rigorous in
+    floating point: ``lambda_max(G) <= ||G^(2^t)||_F^(1/2^t)`` for the float64 Gram matrix G of the
+    smaller side, squared ``t = squarings`` times, with the rounding of every product carried along;
+    at most ``||x||_F^2`` (widened). For a flat spectrum the bound is ``k^(1/2^t)`` times the truth
+    (k = min(B, d)); for random rows (B = d) about 1.35x with t = 2."""
+    x = x.to(torch.float64)
+    b, d = x.shape
+    if b == 0 or d == 0:
+        return 0.0
+    u = torch.finfo(torch.float64).eps / 2
+    inner, k = max(b, d), min(b, d)
+
+    def gamma(m):
+        return m * u / (1 - m * u)
+
+    def fro(t):  # >= the Frobenius norm of the (exact) matrix t
+        return float(torch.linalg.vector_norm(t)) * (1 + gamma(t.numel() + 2))
+
+    fro2 = fro(x) ** 2 * (1 + gamma(4))  # >= ||x||_F^2
+    if fro2 == 0 or not math.isfinite(fro2):
+        return fro2
+    g = x.t() @ x if d <= b else x @ x.t()  # (k, k): |g - G| <= gamma(inner) |x|^T |x|, ||.||_2 <= gamma fro2
+    g = (g + g.t()) * 0.5  # A, symmetric: lambda_max(G) <= lambda_max(A) + gamma(inner + 2) fro2
+    scale = 2.0 ** -math.ceil(math.log2(fro(g)))  # exact: A / 2^e, entries <= 1
+    tiny = k ** 3 * 2.0 ** -1074  # what underflow can lose in a scaling or a product (Frobenius)
+    h, delta = g * scale, tiny  # h ~ (A scale)^(2^t), ||h - (A scale)^(2^t)||_F <= delta
+    for _ in range(squarings):
+        nh = fro(h)
+        h = h @ h
+        delta = delta * (2 * nh + delta) + gamma(k + 2) * nh ** 2 + tiny
+    lam = ((fro(h) + delta) ** (1.0 / 2 ** squarings)) * (1 + gamma(8)) / scale + gamma(inner + 2) * fro2
+    return min(lam, fro2) * (1 + 1e-12)
 
 
 def _runs(keep):
@@ -212,74 +267,186 @@ def _runs(keep):
     return out
 
 
+# Relative allowance of the forward's block maxima against the rounding of the exponentials and
+# products that the exact backward would form from them (a few ulps; far more is allowed): a block is
+# skipped only when its estimate times (1 + _SLACK) is below the threshold
+_SLACK = 2.0 ** -10
+
+
+class _FilterForward:
+    """What the forward of a filtered head gathers, chunk by chunk, for the backward's skip decision
+    and bound (:class:`_FilteredBackward`), from the logits it forms anyway. Blocks of ``fb`` classes
+    are counted from each chunk's first class.
+
+    ``block_max(z, factor, target, c0, c1)`` replaces the row maximum of a chunk's logits (the same
+    value, bit for bit: a maximum does not round) and keeps its by-product, the largest non-target
+    logit of each (row, block); with CurricularFace's ``factor`` the largest ``z + log|factor|``
+    instead (two more passes), so that exp of it is the block's largest ``exp(z) |f|``.
+    ``sums=True`` (a bound was asked for) also keeps the non-target sum of exp(z - m) of each
+    (row, block), relative to that chunk's running max ``m``, folded to the final local max by
+    :meth:`finish`, and with a ``factor`` the block's largest ``|factor|``."""
+
+    def __init__(self, fb: int, sums: bool):
+        self.fb, self.sums = fb, sums
+        self.bmax, self.fmax, self.bsum, self.m_ref = [], [], [], []
+
+    def block_max(self, z, factor, target, c0, c1):
+        in_blk, col = _target_column(target, c0, c1)  # (B,), (B, 1)
+        saved = z.gather(1, col)  # (B, 1): restored below, bit for bit
+        z.scatter_(1, col, torch.where(in_blk.unsqueeze(1), float("-inf"), saved))
+        bm = _row_blocks(z, self.fb, "amax")  # (B, nb): non-target maxima (a NaN stays a NaN)
+        if factor is None:
+            self.bmax.append(bm)
+        else:  # the block's largest exp(z) |f| is exp of its largest z + log|f| (the target still -inf)
+            f = factor.abs()
+            if self.sums:
+                self.fmax.append(_row_blocks(f, self.fb, "amax"))
+            self.bmax.append(_row_blocks(f.log_().add_(z), self.fb, "amax"))
+            del f
+        z.scatter_(1, col, saved)
+        return torch.maximum(bm.amax(dim=1), torch.where(in_blk, saved.squeeze(1), float("-inf")))
+
+    def row_sums(self, e, target, c0, c1, m_ref):
+        """:func:`_sums_without_target` of the chunk's exponentials ``e = exp(z - m_ref)``."""
+        if not self.sums:
+            return _sums_without_target(e, target, c0, c1)
+        s_all, rest, bs = _sums_without_target(e, target, c0, c1, blocks=self.fb)
+        self.bsum.append(bs)
+        self.m_ref.append(m_ref)
+        return s_all, rest
+
+    def finish(self, m_local):
+        """``(bmax, fmax, bsum)`` (B, n_blocks) each (None when not gathered); ``bsum`` relative to
+        ``m_local`` and in float64."""
+        cat = (lambda ts: torch.cat(ts, dim=1) if ts else None)
+        bsum = None
+        if self.sums:
+            bsum = cat([bs.to(torch.float64) * torch.exp(m - m_local).to(torch.float64).unsqueeze(1)
+                        for bs, m in zip(self.bsum, self.m_ref)])
+        return cat(self.bmax), cat(self.fmax), bsum
+
+
 class _FilteredBackward:
-    """The backward over class blocks with skipping (``grad_filter``): call :meth:`block` on each
-    block of scaled probabilities, then :meth:`finish` once.
+    """The backward's skip decision and bookkeeping for gradient filtering (``grad_filter``).
 
-    ``block(q, c0, c1, arg, signed)``: ``q`` (B, c1 - c0) holds ``row_gain * p * f`` of classes
-    [c0, c1) at class level (``arg``: the winning sub-center of each entry, or None). Blocks of
-    ``stats.block`` classes (counted from c0) whose non-target entries are all below ``eps |g0|``
-    are skipped; the kept runs go through :func:`_grad_block` (one call per run of contiguous kept
-    blocks: a single call over [c0, c1) when nothing is skipped, as without the filter)."""
+    Decided once per backward, before any product, from the forward's block maxima
+    (:class:`_FilterForward`): with ``c_i = row_gain_i exp(m_local_i - m_global_i) / S_i`` the
+    backward's entries are ``q_ij = c_i exp(z_ij - m_local_i) f_ij``, so ``est_ib = |c_i|
+    exp(bmax_ib - m_local_i)`` (``bmax``: the block's largest non-target z, or z + log|f|) is the
+    block's largest non-target ``|q_ij|``, up to rounding; the block is
+    skipped when ``max_i est_ib (1 + _SLACK) < eps |g0|`` for every row (a NaN keeps it). The slack
+    covers the rounding of the exponentials and products the exact rule would compare, so a skipped
+    block is one the exact rule skips too (an estimate above the truth only keeps more blocks).
+    The backward then never reads, scales or recomputes a skipped block; ``eps = 0`` keeps every
+    block without a test (the unfiltered products, bit for bit).
 
-    def __init__(self, stats: GradFilterStats, parts: "_BackwardParts", target, sub, g0, acc, x_norm):
+    :meth:`runs` gives a chunk's runs of kept / skipped blocks as class ranges; a kept run goes
+    through :meth:`grad` (one :func:`_grad_block`: the whole chunk when nothing is skipped), a skipped
+    one through :meth:`skip`; :meth:`materialized` does both for the kept buffer. :meth:`finish`
+    applies the target entries of skipped blocks exactly and fills in the statistics.
+
+    The bound (``with_bounds``): each row's skipped mass from the forward's block sums; the weights'
+    Frobenius bound from the skipped columns' sums when the buffer is there (one matrix-vector
+    product over the skipped blocks), else from the forward's figures and a bound of ``||x^||_2``
+    (:mod:`partialfc.grad_filter`)."""
+
+    def __init__(self, stats: GradFilterStats, parts: "_BackwardParts", target, sub, g0, acc, x_norm,
+                 fwd, c_row, m_local, chunk, num_local):
         self.stats, self.parts, self.target, self.acc, self.x_norm = stats, parts, target, acc, x_norm
         self.k = 1 if sub is None else sub.k
         stats.eps = default_eps(acc) if stats.eps is None else float(stats.eps)
-        self.fb = stats.block
+        fb = self.fb = stats.block
+        self.chunk, self.nbc = chunk, -(-chunk // fb)  # classes and blocks per chunk
         self.g0_abs = g0.abs()
-        self.thr = stats.eps * self.g0_abs  # entries of q are row_gain p f: eps relative to the row's scale s/N
-        self.negative = bool(g0 < 0)  # a negative incoming gradient flips the sign of q
+        self.c_abs = c_row.abs()  # (B,)
         b = target.shape[0]
+        device = target.device
         rows = parts.weight.shape[0]
-        self.kept_rows = torch.ones(rows, dtype=torch.bool, device=target.device)
-        self.t_mask = torch.zeros(b, dtype=torch.bool, device=target.device)
-        self.blocks = self.skipped = 0
+        n_blocks = (num_local // chunk) * self.nbc + -(-(num_local % chunk) // fb)
+        self.kept_rows = torch.ones(rows, dtype=torch.bool, device=device)
+        self.t_mask = torch.zeros(b, dtype=torch.bool, device=device)
+        self.blocks, self.skipped = n_blocks, 0
         self.with_bounds = stats.with_bounds
+        bmax, fmax, bsum = fwd
+        if stats.eps == 0 or b == 0:  # everything kept, no test, no host read
+            self.keep = [True] * n_blocks
+            keep_dev = None
+        else:
+            est = torch.exp(bmax - m_local.unsqueeze(1)).clamp_min(torch.finfo(acc).tiny) * self.c_abs.unsqueeze(1)
+            keep_dev = ~(est.amax(dim=0) * (1 + _SLACK) < stats.eps * self.g0_abs)  # (n_blocks,)
+            self.keep = keep_dev.tolist()  # the one host read: which products run
+            self.skipped = n_blocks - sum(self.keep)
+        if self.skipped:
+            y = target.clamp_min(0)
+            self.t_mask = (target >= 0) & ~keep_dev[(y // chunk) * self.nbc + (y % chunk) // fb]
         if self.with_bounds:
-            inv = parts.inv_norm
-            self.max_inv = inv if self.k == 1 else inv.view(-1, self.k).amax(dim=1)  # (classes,)
-            self.row_sum = torch.zeros(b, dtype=torch.float64, device=target.device)
-            self.w_sq = torch.zeros((), dtype=torch.float64, device=target.device)
+            self.w_sq = torch.zeros((), dtype=torch.float64, device=device)
+            self.row_sum = torch.zeros(b, dtype=torch.float64, device=device)
+            if self.skipped:
+                inv = parts.inv_norm
+                self.max_inv = inv if self.k == 1 else inv.view(-1, self.k).amax(dim=1)  # (classes,)
+                skipped = ~keep_dev
+                # >= sum over the block's skipped non-target |q_ij|: (B, n_blocks), 0 on kept blocks
+                r = bsum * (self.c_abs.to(torch.float64) * _sum_widen(fb, acc)).unsqueeze(1)
+                if fmax is not None:
+                    r = r * fmax.to(torch.float64)
+                self.r = torch.where(skipped, r, 0.0)
+                self.row_sum = self.r.sum(dim=1)
+                self.est = est.to(torch.float64) * (1 + _SLACK)  # >= the largest |q_ij| of each block
 
-    def block(self, q, c0, c1, arg, signed):
-        k, p, fb = self.k, self.parts, self.fb
-        cb = c1 - c0
-        nb = -(-cb // fb)
-        self.blocks += nb
-        if q.shape[0] == 0:  # no rows: nothing to filter, the plain block
-            _grad_block(q if k == 1 else _to_rows(q, arg, k), c0 * k, c1 * k, p)
-            return
-        target = self.target
-        in_blk, col = _target_column(target, c0, c1)  # (B,), (B, 1)
-        saved = q.gather(1, col)  # (B, 1): restored below, bit for bit
-        q.scatter_(1, col, torch.where(in_blk.unsqueeze(1), 0.0, saved))  # the max is over non-targets
-        mag = q.abs() if signed or self.negative else q
-        keep_dev = ~(_block_max(mag, fb) < self.thr)  # (nb,); a NaN keeps its block (and shows)
-        keep = keep_dev.tolist()  # the one host read: which products run
-        runs = _runs(keep)
-        for kept, a, b in runs:
-            if not kept and self.with_bounds:
-                m = mag[:, a * fb: min(b * fb, cb)]
-                self.row_sum += m.sum(dim=1, dtype=torch.float64)
-                col_sum = m.sum(dim=0, dtype=torch.float64) * self.max_inv[c0 + a * fb: c0 + min(b * fb, cb)]
-                self.w_sq += col_sum.square().sum()
-        del mag
-        q.scatter_(1, col, saved)
-        if not all(keep):
-            skipped_t = in_blk & ~keep_dev[col.squeeze(1) // fb]  # rows whose target is in a skipped block
-            self.t_mask |= skipped_t
-        for kept, a, b in runs:
-            lo, hi = c0 + a * fb, c0 + min(b * fb, cb)  # classes
+    def runs(self, c0, c1):
+        """[(kept, lo, hi)]: the chunk [c0, c1)'s runs of kept / skipped blocks, as class ranges."""
+        fb, first = self.fb, (c0 // self.chunk) * self.nbc
+        keep = self.keep[first: first + -(-(c1 - c0) // fb)]
+        return [(kept, c0 + a * fb, min(c0 + b * fb, c1)) for kept, a, b in _runs(keep)]
+
+    def grad(self, g, lo, hi, arg):
+        """A kept run: ``g`` (B, hi - lo) holds its ``q`` at class level (``arg``: the winning sub-centers)."""
+        k = self.k
+        _grad_block(g if k == 1 else _to_rows(g, arg, k), lo * k, hi * k, self.parts)
+
+    def skip(self, lo, hi):
+        """A skipped run: no gradient for its rows (its targets are applied by :meth:`finish`): zeros, or
+        nothing at all when only the kept rows are read (``rows_kept_only``: the sparse gradient)."""
+        k = self.k
+        if not self.stats.rows_kept_only:
+            self.parts.grad_w[lo * k: hi * k].zero_()
+        self.kept_rows[lo * k: hi * k] = False
+
+    def materialized(self, buffer, arg, c_row):
+        """The whole backward of the kept buffer ``exp(z - m_local)`` (B, C_local): the skipped blocks'
+        column sums for the bound (the buffer is not written before), then each kept run scaled by
+        ``c_row`` (B,) in place and turned into its gradient; the skipped runs are never read
+        otherwise. Nothing skipped: ``buffer.mul_(c_row)`` and one :func:`_grad_block`, as unfiltered."""
+        runs = self.runs(0, buffer.shape[1])
+        if self.with_bounds and self.skipped and buffer.shape[0]:
+            self._column_bound(buffer, runs)
+        c = c_row.unsqueeze(1)
+        for kept, lo, hi in runs:
             if kept:
-                g = q[:, lo - c0: hi - c0]  # a view: the whole q when nothing is skipped
-                if k > 1:
-                    g = _to_rows(g, arg[:, lo - c0: hi - c0], k)
-                _grad_block(g, lo * k, hi * k, p)
+                g = buffer if (lo, hi) == (0, buffer.shape[1]) else buffer[:, lo:hi]
+                g.mul_(c)
+                self.grad(g, lo, hi, None if arg is None else arg[:, lo:hi])
             else:
-                self.skipped += b - a
-                p.grad_w[lo * k: hi * k].zero_()
-                self.kept_rows[lo * k: hi * k] = False
+                self.skip(lo, hi)
+
+    def _column_bound(self, e, runs):
+        """``w_sq`` from the skipped columns of ``e`` (B, C_local) (exact column sums of |q|, the
+        targets left out): sum_j (max 1/n of the class's rows * sum_i |c_i| e_ij)^2."""
+        in_blk, col = _target_column(self.target, 0, e.shape[1])
+        saved = e.gather(1, col)
+        e.scatter_(1, col, torch.where(in_blk.unsqueeze(1), 0.0, saved))
+        c = self.c_abs.to(e.dtype)
+        # a float32 matrix-vector product may round its inputs to TF32 or bf16 (CUDA, or a matmul precision
+        # below "highest"): products then off by up to ~2^-8, covered with room
+        reduced = e.dtype == torch.float32 and (e.is_cuda or torch.get_float32_matmul_precision() != "highest")
+        widen = _sum_widen(e.shape[0], e.dtype) * (1 + 2.0 ** -6 if reduced else 1.0)
+        for kept, lo, hi in runs:
+            if not kept:
+                col_sum = torch.mv(e[:, lo:hi].t(), c).to(torch.float64) * widen * self.max_inv[lo:hi]
+                self.w_sq += col_sum.square().sum()
+        e.scatter_(1, col, saved)
+        self.column_bound = True
 
     def finish(self):
         """Target entries of skipped blocks, exactly; then the statistics."""
@@ -303,13 +470,34 @@ class _FilteredBackward:
         stats.blocks, stats.skipped_blocks, stats.kept_rows = self.blocks, self.skipped, self.kept_rows
         if self.with_bounds:
             widen = 1.0 + 8 * torch.finfo(acc).eps
-            stats.weight_bound = self.w_sq.sqrt() * widen
+            if self.skipped and not getattr(self, "column_bound", False):
+                # ||sum_i q_ij x^_i||: ||Q_b^T X^||_F <= min(||X^||_2 ||Q_b||_F, sum_i ||q_ib||),
+                # ||q_ib||^2 <= est_ib r_ib (largest entry times sum)
+                blk = self._class_blocks()
+                inv_sq = torch.zeros(self.blocks, dtype=torch.float64, device=blk.device).scatter_reduce_(
+                    0, blk, self.max_inv.to(torch.float64), "amax").square()
+                rows_sq = self.est * self.r  # (B, n_blocks), 0 on kept blocks
+                xhat = p.xhat_mm
+
+                def weight_bound():  # evaluated when read: the Gram products only for who asks
+                    spectral = rows_sq.sum(dim=0) * _gram_bound(xhat)
+                    triangle = rows_sq.sqrt().sum(dim=0).square()
+                    return (inv_sq * torch.minimum(spectral, triangle)).sum().sqrt() * widen
+
+                stats.defer_weight_bound(weight_bound)
+            else:
+                stats.weight_bound = self.w_sq.sqrt() * widen
             stats.row_bound = self.row_sum / self.x_norm.squeeze(1).to(torch.float64) * widen
             g0 = self.g0_abs.to(torch.float64)
             stats.row_mass = torch.where(g0 > 0, self.row_sum / torch.where(g0 > 0, g0, 1.0), 0.0)
         else:
             stats.weight_bound = stats.row_bound = stats.row_mass = None
         stats.ready = True
+
+    def _class_blocks(self):
+        """(C_local,) the block of each class."""
+        cls = torch.arange(self.max_inv.shape[0], device=self.max_inv.device)
+        return (cls // self.chunk) * self.nbc + (cls % self.chunk) // self.fb
 
 
 class Combined(NamedTuple):
@@ -402,21 +590,23 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
 
             buffer = buffer_arg = None
             m_local = s_local = r_local = None
+            # gradient filtering: the block maxima (and, for a bound, block sums) of what is formed anyway
+            filt = None if grad_filter is None else _FilterForward(grad_filter.block, grad_filter.with_bounds)
             for c0 in range(0, num_local, chunk):
                 c1 = min(c0 + chunk, num_local)
-                z, _, arg = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg, sub)
-                m_blk = z.amax(dim=1)  # (B,)
+                z, factor, arg = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc, neg, sub)
+                m_blk = z.amax(dim=1) if filt is None else filt.block_max(z, factor, target, c0, c1)  # (B,)
+                del factor
+                m_new = m_blk if m_local is None else torch.maximum(m_local, m_blk)
+                z.sub_(m_new.unsqueeze(1)).exp_()
+                s_blk, r_blk = (_sums_without_target(z, target, c0, c1) if filt is None
+                                else filt.row_sums(z, target, c0, c1, m_new))
                 if m_local is None:
-                    m_local = m_blk
-                    z.sub_(m_local.unsqueeze(1)).exp_()
-                    s_local, r_local = _sums_without_target(z, target, c0, c1)
+                    s_local, r_local = s_blk, r_blk
                 else:
-                    m_new = torch.maximum(m_local, m_blk)
-                    z.sub_(m_new.unsqueeze(1)).exp_()
-                    s_blk, r_blk = _sums_without_target(z, target, c0, c1)
                     rescale = torch.exp(m_local - m_new)
                     s_local, r_local = s_local * rescale + s_blk, r_local * rescale + r_blk
-                    m_local = m_new
+                m_local = m_new
                 if chunk == num_local and neg is None:
                     buffer = z  # exp(z - m_local), kept for backward (hard negatives recompute instead)
                     if arg is not None:  # and which sub-center won each entry, one byte each for k <= 256
@@ -430,6 +620,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(xhat, x_norm, weight, inv_norm, target, valid, dpsi, m_local, m_global,
                               sum_exp, rest, n_valid, logit_t)
         ctx.buffer, ctx.buffer_arg = buffer, buffer_arg  # not saved: backward turns it into the gradient in place
+        ctx.filter_fwd = None if filt is None else filt.finish(m_local)
         out_stats = torch.stack([m_global, t_global, cos_global])
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
@@ -455,35 +646,43 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             target_row = target if sub is None else torch.where(target >= 0, target * k + sub.t_sub, -1)
             t_gain = row_gain * rest / sum_exp  # (B,) g0 (1 - p_y)
             parts = _BackwardParts(xhat_mm, w_mm, weight, inv_norm, target_row, t_gain, dpsi, grad_xhat, grad_w)
+            c_row = None  # (B,) g0 p / exp(z - m_local): what scales the buffer into g0 p
+            if buffer is not None or ctx.grad_filter is not None:
+                c_row = row_gain * torch.exp(m_local - m_global) / sum_exp
             filtered = None
-            if ctx.grad_filter is not None:
-                filtered = _FilteredBackward(ctx.grad_filter, parts, target, sub, g0, acc, x_norm)
+            if ctx.grad_filter is not None:  # decides which blocks run, from the forward's block maxima
+                filtered = _FilteredBackward(ctx.grad_filter, parts, target, sub, g0, acc, x_norm,
+                                             ctx.filter_fwd, c_row, m_local, chunk, num_local)
             if buffer is not None:  # materialized: buffer = exp(z - m_local) -> g0 p in place
-                buffer.mul_((row_gain * torch.exp(m_local - m_global) / sum_exp).unsqueeze(1))
                 if filtered is not None:
-                    filtered.block(buffer, 0, num_local, buffer_arg, signed=False)
+                    filtered.materialized(buffer, buffer_arg, c_row)  # reads the kept blocks only
                 else:
+                    buffer.mul_(c_row.unsqueeze(1))
+                    c_row = None  # freed before the products, as the unfiltered head always did
                     if sub is not None:
                         buffer = _to_rows(buffer, buffer_arg, k)
                     _grad_block(buffer, 0, num_local * k, parts)
-            else:  # chunked: recompute each block of logits
+            else:  # chunked: recompute each block of logits (filtered: only the runs of kept blocks)
                 s_inv = row_gain / sum_exp
                 col_scale = inv_norm * s
                 for c0 in range(0, num_local, chunk):
                     c1 = min(c0 + chunk, num_local)
-                    z, factor, arg = _block_logits(xhat_mm, w_mm, col_scale, c0, c1, target, logit_t, acc,
-                                                   ctx.neg, sub)
-                    z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
-                    if factor is not None:
-                        z.mul_(factor)
-                    if filtered is not None:
-                        filtered.block(z, c0, c1, arg, signed=factor is not None)
-                        del z
-                        continue
-                    if arg is not None:
-                        z = _to_rows(z, arg, k)
-                    _grad_block(z, c0 * k, c1 * k, parts)
-                    del z
+                    for kept, lo, hi in ([(True, c0, c1)] if filtered is None else filtered.runs(c0, c1)):
+                        if not kept:
+                            filtered.skip(lo, hi)
+                            continue
+                        z, factor, arg = _block_logits(xhat_mm, w_mm, col_scale, lo, hi, target, logit_t, acc,
+                                                       ctx.neg, sub)
+                        z.sub_(m_global.unsqueeze(1)).exp_().mul_(s_inv.unsqueeze(1))
+                        if factor is not None:
+                            z.mul_(factor)
+                        if filtered is not None:
+                            filtered.grad(z, lo, hi, arg)
+                        else:
+                            if arg is not None:
+                                z = _to_rows(z, arg, k)
+                            _grad_block(z, lo * k, hi * k, parts)
+                        del z, factor, arg
             if filtered is not None:
                 filtered.finish()
             # through x^ = x / |x|: (g - (g . x^) x^) / |x|
