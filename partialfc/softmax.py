@@ -71,6 +71,27 @@ def safe_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xhat, torch.where(nonzero, n * peak, _NORM_EPS)
 
 
+def target_cosines(xhat: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, target: torch.Tensor,
+                    k: int) -> tuple:
+    """``(cos_t (B,), t_sub)``: each row's target cosine from its target class's rows only (B k of
+    them), shared by the torch and triton paths; with k > 1 the largest of the class's k rows' and ``t_sub``
+    (B,) int64 the row that gave it (the lowest on ties, ``torch.max``), else None. Rows whose target
+    another rank holds (-1) read class 0 (never used)."""
+    b = xhat.shape[0]
+    if weight.shape[0] == 0:
+        return xhat.new_zeros(b), (None if k == 1 else target.new_zeros(b))
+    t_row = target.clamp_min(0)
+    if k == 1:
+        w_t = weight.index_select(0, t_row).to(xhat.dtype)  # (B, d): the target rows only
+        return (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0), None
+    rows = (t_row.unsqueeze(1) * k + torch.arange(k, device=t_row.device)).view(-1)  # (B k,)
+    w_t = weight.index_select(0, rows).to(xhat.dtype).view(b, k, weight.shape[1])  # (B, k, d)
+    cos_sub = torch.linalg.vecdot(xhat.unsqueeze(1), w_t) * inv_norm[rows].view(b, k)  # (B, k)
+    cos_t, t_sub = cos_sub.max(dim=1)
+    return cos_t.clamp(-1.0, 1.0), t_sub
+
+
+
 class _SubCenters(NamedTuple):
     """Sub-center rows: class c owns rows c*k ... c*k + k - 1; ``t_sub`` (B,) is the row of each
     target class that is nearest to the row's embedding (the one the target logit and its gradient use)."""
@@ -565,19 +586,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             xhat, x_norm = safe_normalize(x_global.to(acc))  # (B, d), (B, 1)
             inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C k,)
             owned = target >= 0
-            t_row = target.clamp_min(0)
             # target cosines from the B target rows only (B k with sub-centers): (B,)
-            sub = None
-            if k == 1:
-                w_t = weight.index_select(0, t_row).to(acc)
-                cos_t = (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0)
-            else:
-                rows = (t_row.unsqueeze(1) * k + torch.arange(k, device=t_row.device)).view(-1)  # (B k,)
-                w_t = weight.index_select(0, rows).to(acc).view(-1, k, weight.shape[1])  # (B, k, d)
-                cos_sub = torch.linalg.vecdot(xhat.unsqueeze(1), w_t) * inv_norm[rows].view(-1, k)  # (B, k)
-                cos_t, t_sub = cos_sub.max(dim=1)
-                cos_t = cos_t.clamp(-1.0, 1.0)
-                sub = _SubCenters(k, t_sub)
+            cos_t, t_sub = target_cosines(xhat, weight, inv_norm, target, k)
+            sub = None if k == 1 else _SubCenters(k, t_sub)
             psi, dpsi = margin.psi_and_grad(cos_t)
             logit_t = (s * psi).to(acc)
             neg = None

@@ -53,7 +53,8 @@ import torch
 
 from .collectives import ProcessGroup, all_reduce_, refuse_double_backward
 from .margin import CombinedMargin
-from .softmax import _NORM_EPS, _accumulation_dtype, combine_shards, margin_softmax_cross_entropy, safe_normalize
+from .softmax import (_NORM_EPS, _accumulation_dtype, combine_shards, margin_softmax_cross_entropy, safe_normalize,
+                      target_cosines)
 from .triton_ops import fake_mode_active, interpreting  # also registers torch.ops.partialfc.*
 
 IMPLS = ("auto", "torch", "triton")
@@ -134,26 +135,6 @@ def triton_margin_softmax_cross_entropy(x_global: torch.Tensor, weight: torch.Te
                                                  sub_centers)
 
 
-def _target_cosines(xhat: torch.Tensor, weight: torch.Tensor, inv_norm: torch.Tensor, target: torch.Tensor,
-                    k: int) -> tuple:
-    """``(cos_t (B,), t_sub)``: each row's target cosine from its target class's rows only (B k of
-    them), as the torch path computes it; with k > 1 the largest of the class's k rows' and ``t_sub``
-    (B,) int64 the row that gave it (the lowest on ties, ``torch.max``), else None. Rows whose target
-    another rank holds (-1) read class 0 (never used)."""
-    b = xhat.shape[0]
-    if weight.shape[0] == 0:
-        return xhat.new_zeros(b), (None if k == 1 else target.new_zeros(b))
-    t_row = target.clamp_min(0)
-    if k == 1:
-        w_t = weight.index_select(0, t_row).to(xhat.dtype)  # (B, d): the target rows only
-        return (torch.linalg.vecdot(xhat, w_t) * inv_norm[t_row]).clamp(-1.0, 1.0), None
-    rows = (t_row.unsqueeze(1) * k + torch.arange(k, device=t_row.device)).view(-1)  # (B k,)
-    w_t = weight.index_select(0, rows).to(xhat.dtype).view(b, k, weight.shape[1])  # (B, k, d)
-    cos_sub = torch.linalg.vecdot(xhat.unsqueeze(1), w_t) * inv_norm[rows].view(b, k)  # (B, k)
-    cos_t, t_sub = cos_sub.max(dim=1)
-    return cos_t.clamp(-1.0, 1.0), t_sub
-
-
 # ---------------------------------------------------------------------------------------------
 class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
     """forward: fused sharded margin softmax cross-entropy, all-reduce MAX then all-reduce SUM.
@@ -177,7 +158,7 @@ class TritonMarginSoftmaxCrossEntropy(torch.autograd.Function):
             xhat, x_norm = safe_normalize(x_global.to(acc))  # (B, d), (B, 1)
             inv_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).clamp_min(_NORM_EPS).reciprocal()  # (C k,)
             owned = target >= 0
-            cos_t, t_sub = _target_cosines(xhat, weight, inv_norm, target, sub_centers)  # (B,), (B,) or None
+            cos_t, t_sub = target_cosines(xhat, weight, inv_norm, target, sub_centers)  # (B,), (B,) or None
             psi, dpsi = margin.psi_and_grad(cos_t)
             logit_t = (s * psi).to(acc).contiguous()
             dpsi = dpsi.to(acc).contiguous()
