@@ -13,7 +13,6 @@ value ``fill`` (``-1`` = black after normalisation, the glyph background).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -68,31 +67,33 @@ def affine(
     """
     if image.ndim != 3:
         raise ValueError(f"expected (C, H, W), got shape {tuple(image.shape)}")
-    _, h, w = image.shape
-    a = math.radians(angle_deg)
-    cos, sin = math.cos(a), math.sin(a)
+    f64 = dict(dtype=torch.float64)
+    return resample(image.unsqueeze(0), torch.tensor([angle_deg], **f64), torch.tensor([scale], **f64),
+                    torch.tensor([shift], **f64), torch.tensor([flip]), fill)[0]
+
+
+def resample(images: torch.Tensor, angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+             flip: torch.Tensor, fill: float = -1.0) -> torch.Tensor:
+    """:func:`affine` for a batch in one ``affine_grid`` + ``grid_sample``: ``images`` (B, C, H, W),
+    per image ``angle_deg`` (B,), ``scale`` (B,), ``shift`` (B, 2) pixels (right, down), all float64,
+    and ``flip`` (B,) bool. Returns a new (B, C, H, W) tensor."""
+    b, _, h, w = images.shape
+    a = torch.deg2rad(angle_deg)
+    cos, sin = torch.cos(a), torch.sin(a)  # (B,)
     # Forward map in pixel units, origin at the image centre, y pointing down:
     #   p_out = s * R * Fl * p_in + t, R = [[cos, sin], [-sin, cos]] (CCW on screen).
     # grid_sample needs the inverse, p_in = Fl * R^T * (p_out - t) / s.
-    fx = -1.0 if flip else 1.0
-    inv = torch.tensor(
-        [[fx * cos, -fx * sin], [sin, cos]], dtype=torch.float64
-    ) / scale  # (2, 2) = Fl @ R^T / s
-    t = torch.tensor(shift, dtype=torch.float64)  # (2,)
-    offset = -inv @ t  # (2,)
+    fx = torch.where(flip, -1.0, 1.0).to(torch.float64)
+    inv = torch.stack([torch.stack([fx * cos, -fx * sin], -1), torch.stack([sin, cos], -1)], -2)
+    inv = inv / scale.view(b, 1, 1)  # (B, 2, 2) = Fl @ R^T / s
+    offset = -(inv @ shift.unsqueeze(-1)).squeeze(-1)  # (B, 2)
     # Normalised coordinates u = x / (w / 2), v = y / (h / 2) (align_corners=False).
     d = torch.tensor([w / 2.0, h / 2.0], dtype=torch.float64)
-    theta = torch.empty(2, 3, dtype=torch.float64)
-    theta[:, :2] = inv * d[None, :] / d[:, None]  # D^-1 @ inv @ D
-    theta[:, 2] = offset / d
-    grid = F.affine_grid(
-        theta.to(image.dtype).unsqueeze(0), [1, *image.shape], align_corners=False
-    )  # (1, H, W, 2)
+    theta = torch.cat([inv * d[None, None, :] / d[None, :, None],  # D^-1 @ inv @ D
+                       (offset / d).unsqueeze(-1)], -1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     # Sampling (x - fill) with zero padding, then adding fill back, pads with fill.
-    out = F.grid_sample(
-        (image - fill).unsqueeze(0), grid, mode="bilinear",
-        padding_mode="zeros", align_corners=False,
-    )[0]
+    out = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + fill
 
 
@@ -196,19 +197,8 @@ class BatchRandomAffine:
             bold = F.max_pool2d(x, 3, stride=1, padding=1)
             light = -F.max_pool2d(-x, 3, stride=1, padding=1)
             x = x + a.clamp(min=0) * (bold - x) + (-a).clamp(min=0) * (light - x)
-        # The per-sample map of affine(): inverse = Fl @ R^T / s, in normalised coordinates.
-        a = torch.deg2rad(p["angle"])
-        cos, sin = torch.cos(a), torch.sin(a)  # (B,)
-        fx = torch.where(p["flip"], -1.0, 1.0).to(torch.float64)
-        inv = torch.stack([torch.stack([fx * cos, -fx * sin], -1), torch.stack([sin, cos], -1)], -2)
-        inv = inv / p["scale"].view(b, 1, 1)  # (B, 2, 2)
-        t = torch.stack([p["dx"], p["dy"]], -1)  # (B, 2) pixels
-        offset = -(inv @ t.unsqueeze(-1)).squeeze(-1)  # (B, 2)
-        d = torch.tensor([w / 2.0, h / 2.0], dtype=torch.float64)
-        theta = torch.cat([inv * d[None, None, :] / d[None, :, None], (offset / d).unsqueeze(-1)], -1)  # (B, 2, 3)
-        grid = F.affine_grid(theta.to(images.device, images.dtype), list(x.shape), align_corners=False)
-        out = F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return (out + self.fill).clamp_(-1.0, 1.0)
+        shift = torch.stack([p["dx"], p["dy"]], -1)  # (B, 2) pixels
+        return resample(x, p["angle"], p["scale"], shift, p["flip"], self.fill).clamp_(-1.0, 1.0)
 
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Augment a batch (B, C, H, W) -> (B, C, H, W)."""
